@@ -1,0 +1,89 @@
+"""Full-image datamanager with the two image sets Instruct-GS2GS needs.
+
+``original_images`` are the photos as captured (undistorted), never modified: IP2P conditions on
+them. The working set is nerfstudio's own image cache (``cached_train``), which the loss reads;
+sweeps ``replace`` its images with edits. Edits are quantised to 8 bits on the way in, so what
+the loss sees is exactly what the edit store writes to disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Dict, List, Literal, Sequence, Type
+
+import torch
+from torch import Tensor
+
+from nerfstudio.data.datamanagers.full_images_datamanager import FullImageDatamanager, FullImageDatamanagerConfig
+from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """Float images in [0, 1] to uint8 (round to nearest)."""
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+@dataclass
+class IGS2GSDataManagerConfig(FullImageDatamanagerConfig):
+    """Full images, with the original photos kept beside the edited working set."""
+
+    _target: Type = field(default_factory=lambda: IGS2GSDataManager)
+    dataparser: NerfstudioDataParserConfig = field(default_factory=lambda: NerfstudioDataParserConfig(load_3D_points=True))
+    cache_images_type: Literal["uint8", "float32"] = "uint8"
+    """Image type of the caches (uint8 holds four times as many views in the same memory)."""
+
+
+class IGS2GSDataManager(FullImageDatamanager):
+    """``FullImageDatamanager`` whose training images can be swapped for edits."""
+
+    config: IGS2GSDataManagerConfig
+
+    def _load_images(self, split: Literal["train", "eval"], cache_images_device: Literal["cpu", "gpu"]):
+        # nerfstudio pins CPU caches, which needs a CUDA driver; without one the images stay
+        # where they are, which is the training device (the CPU) anyway.
+        if cache_images_device == "cpu" and not torch.cuda.is_available():
+            cache_images_device = "gpu"
+        return super()._load_images(split, cache_images_device)
+
+    @cached_property
+    def original_images(self) -> List[Tensor]:
+        """The undistorted training photos [H, W, 3], as cached before any edit."""
+        return [entry["image"][..., :3].clone() for entry in self.cached_train]
+
+    @property
+    def image_names(self) -> List[str]:
+        """Training image file names, in view-id order (checked when edits are restored)."""
+        return [path.name for path in self.train_dataparser_outputs.image_filenames]
+
+    def originals(self, view_ids: Sequence[int], device: torch.device) -> Tensor:
+        """Original photos of ``view_ids`` as float [B, 3, H, W] in [0, 1] on ``device``."""
+        return torch.stack([self._as_float(self.original_images[i]) for i in view_ids]).permute(0, 3, 1, 2).to(device)
+
+    def working_image(self, view_id: int) -> Tensor:
+        """The image the loss currently uses for ``view_id`` [H, W, 3]."""
+        return self.cached_train[view_id]["image"]
+
+    def replace(self, view_ids: Sequence[int], images: Tensor) -> Tensor:
+        """Swap edits (float [B, 3, H, W] in [0, 1]) into the working set; returns them as uint8 [B, H, W, 3]."""
+        if images.dim() != 4 or images.shape[0] != len(view_ids) or images.shape[1] != 3:
+            raise ValueError(f"expected {len(view_ids)} images of shape [3, H, W], got {tuple(images.shape)}")
+        quantised = to_uint8(images.permute(0, 2, 3, 1))
+        self.replace_uint8(dict(zip(view_ids, quantised)))
+        return quantised
+
+    def replace_uint8(self, edits: Dict[int, Tensor]) -> None:
+        """Swap uint8 [H, W, 3] edits into the working set (also used to restore persisted edits)."""
+        for view_id, edit in edits.items():
+            entry = self.cached_train[view_id]
+            current = entry["image"]
+            if tuple(edit.shape) != (current.shape[0], current.shape[1], 3):
+                raise ValueError(
+                    f"edit for view {view_id} has shape {tuple(edit.shape)}, the view is {tuple(current.shape[:2])}"
+                )
+            image = edit if current.dtype == torch.uint8 else edit.float() / 255.0
+            entry["image"] = image.to(current.device, current.dtype)
+
+    @staticmethod
+    def _as_float(image: Tensor) -> Tensor:
+        return image.float() / 255.0 if image.dtype == torch.uint8 else image.float()

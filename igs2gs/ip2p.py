@@ -1,0 +1,391 @@
+"""InstructPix2Pix editor: the Instruct-GS2GS edit step, batched, with cached conditioning.
+
+One edit takes a render of the current splats and the ORIGINAL photo of the same view. The render
+is VAE-encoded, noised to a timestep drawn per edit from ``[lower_bound, upper_bound] * 1000`` and
+denoised to 0 in ``diffusion_steps`` DDIM steps, guided by the instruction (text) and the original
+photo's latent (image), with the classifier-free guidance of InstructPix2Pix. diffusers and
+transformers are imported only when a model is loaded, so the plugin's config stays light.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+from collections import OrderedDict
+from pathlib import Path
+from typing import TYPE_CHECKING, Dict, Hashable, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+DEFAULT_MODEL = "timbrooks/instruct-pix2pix"
+# Peak activation memory of one 512x512 edit (three CFG branches) with SD-1.5 in half precision.
+EDIT_BYTES_512 = 0.9e9
+GeneratorArg = Optional[Union[torch.Generator, Sequence[torch.Generator]]]
+
+
+class IP2PUnavailableError(RuntimeError):
+    """The InstructPix2Pix weights could not be found or loaded; the message says how to supply them."""
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def _load_pipeline(model: str, dtype: torch.dtype) -> "StableDiffusionInstructPix2PixPipeline":
+    """Load from a local directory, else the Hugging Face cache, else the hub; fail with a usable message."""
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    def load(source: str, local_files_only: bool):
+        return StableDiffusionInstructPix2PixPipeline.from_pretrained(
+            source,
+            torch_dtype=dtype,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            local_files_only=local_files_only,
+        )
+
+    how_to_fix = (
+        f"Download it where there is network (`huggingface-cli download {DEFAULT_MODEL}` fills the cache; "
+        f"`huggingface-cli download {DEFAULT_MODEL} --local-dir DIR` makes a folder) and pass the folder with "
+        "--pipeline.ip2p-model DIR."
+    )
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise IP2PUnavailableError(
+                f"InstructPix2Pix folder {path} has no model_index.json: it is not a diffusers pipeline folder. "
+                + how_to_fix
+            )
+        try:
+            return load(str(path), local_files_only=True)
+        except (OSError, ValueError, EnvironmentError) as error:
+            raise IP2PUnavailableError(f"Could not load InstructPix2Pix from {path}: {error}") from None
+    if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", model):
+        raise IP2PUnavailableError(f"InstructPix2Pix model {model!r} is neither an existing folder nor a hub id. {how_to_fix}")
+    try:
+        return load(model, local_files_only=True)
+    except (OSError, ValueError, EnvironmentError):
+        pass
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    if offline:
+        raise IP2PUnavailableError(
+            f"InstructPix2Pix model {model!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set. {how_to_fix}"
+        )
+    try:
+        return load(model, local_files_only=False)
+    except Exception as error:  # network, auth and missing-file errors all mean "not available here"
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise IP2PUnavailableError(
+            f"InstructPix2Pix model {model!r} is not in the local Hugging Face cache and could not be downloaded "
+            f"({reason[:200]}). {how_to_fix}"
+        ) from None
+
+
+def _check_images(name: str, images: Tensor) -> None:
+    if not isinstance(images, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of shape [B, 3, H, W], got {type(images).__name__}")
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"{name} must have shape [B, 3, H, W], got {tuple(images.shape)}")
+    if not images.is_floating_point():
+        raise ValueError(f"{name} must be a float tensor with values in [0, 1], got dtype {images.dtype}")
+    if images.numel() and images.shape[0] > 0:
+        low, high = torch.aminmax(images.detach())
+        if low.item() < -1e-3 or high.item() > 1 + 1e-3:
+            raise ValueError(f"{name} must hold values in [0, 1], found [{low.item():.3f}, {high.item():.3f}]")
+
+
+def _content_key(image: Tensor) -> str:
+    """Fingerprint of an image's pixels, for callers that give no keys for the condition cache."""
+    quantized = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    return hashlib.sha1(quantized.tobytes() + str(quantized.shape).encode()).hexdigest()
+
+
+class InstructPix2Pix:
+    """A loaded InstructPix2Pix model and the caches that make repeated sweeps cheap.
+
+    Prompt embeddings are cached per prompt and the original photos' latents per key (the
+    originals never change during an edit). Views are edited in batches; an out-of-memory error
+    halves the batch and retries.
+    """
+
+    def __init__(
+        self,
+        pipe: "StableDiffusionInstructPix2PixPipeline",
+        device: Union[str, torch.device],
+        max_batch_size: Optional[int] = None,
+        cache_conditioning: bool = True,
+        offloaded: bool = False,
+    ) -> None:
+        from diffusers import DDIMScheduler
+
+        self.device = torch.device(device)
+        self.pipe = pipe
+        self.unet, self.vae = pipe.unet, pipe.vae
+        self.dtype = self.unet.dtype
+        self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.latent_scaling = float(self.vae.config.scaling_factor)
+        self.max_batch_size = max_batch_size
+        self.cache_conditioning = cache_conditioning
+        self.offloaded = offloaded
+        self.batch_size: Optional[int] = None  # set when an out-of-memory error forced a smaller batch
+        self._prompt_embeddings: "OrderedDict[str, Tensor]" = OrderedDict()
+        self._condition_latents: Dict[Hashable, Tensor] = {}
+        self._schedules: Dict[Tuple[int, int], Tensor] = {}
+        self.prompt_encodings = 0
+        self.condition_encodings = 0
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str = DEFAULT_MODEL,
+        device: Union[str, torch.device] = "cuda",
+        dtype: torch.dtype = torch.float16,
+        cpu_offload: bool = False,
+        attention_slicing: bool = False,
+        max_batch_size: Optional[int] = None,
+        cache_conditioning: bool = True,
+    ) -> "InstructPix2Pix":
+        """Load ``model`` (hub id or local folder) onto ``device``.
+
+        ``cpu_offload`` keeps each sub-model on the CPU until used (for small GPUs);
+        ``attention_slicing`` trades speed for memory. Both are off by default: SDPA and a
+        resident model are what make batched edits fast.
+        """
+        device = torch.device(device)
+        if device.type == "cpu" and dtype != torch.float32:
+            dtype = torch.float32  # half-precision convolutions are slow or missing on CPU
+        pipe = _load_pipeline(str(model), dtype)
+        pipe.set_progress_bar_config(disable=True)
+        if attention_slicing:
+            pipe.enable_attention_slicing()
+        if cpu_offload and device.type == "cuda":
+            pipe.enable_model_cpu_offload(device=device)
+        else:
+            pipe.to(device)
+            cpu_offload = False
+        for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+            module.requires_grad_(False).eval()
+        return cls(pipe, device, max_batch_size, cache_conditioning, offloaded=cpu_offload)
+
+    # ----------------------------------------------------------------------------------- caches
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str) -> Tensor:
+        """[text, unconditional, unconditional] embeddings, encoded once per prompt."""
+        if prompt not in self._prompt_embeddings:
+            embeddings = self.pipe._encode_prompt(prompt, self.device, 1, True, "")
+            self._prompt_embeddings[prompt] = embeddings.to(self.device, self.dtype)
+            self.prompt_encodings += 1
+            while len(self._prompt_embeddings) > 8:
+                self._prompt_embeddings.popitem(last=False)
+        self._prompt_embeddings.move_to_end(prompt)
+        return self._prompt_embeddings[prompt]
+
+    @torch.no_grad()
+    def _condition(self, originals: Tensor, keys: Sequence[Hashable]) -> Tensor:
+        """The originals' VAE latents (distribution mode, unscaled), cached per key."""
+        missing = [i for i, key in enumerate(keys) if not self.cache_conditioning or key not in self._condition_latents]
+        if missing:
+            pixels = originals[missing].to(self.device, self.dtype) * 2 - 1
+            latents = self.vae.encode(pixels).latent_dist.mode()
+            self.condition_encodings += len(missing)
+            if not self.cache_conditioning:
+                return latents
+            for index, latent in zip(missing, latents):
+                self._condition_latents[keys[index]] = latent
+        return torch.stack([self._condition_latents[key] for key in keys])
+
+    def _timesteps(self, start: int, steps: int) -> Tensor:
+        """DDIM timesteps from ``start`` down to 0, spaced as the scheduler spaces them over ``start`` steps."""
+        key = (start, steps)
+        if key not in self._schedules:
+            from diffusers import DDIMScheduler
+
+            schedule = DDIMScheduler.from_config(self.scheduler.config, num_train_timesteps=start)
+            schedule.set_timesteps(steps)
+            self._schedules[key] = schedule.timesteps.clone()
+        return self._schedules[key]
+
+    # ----------------------------------------------------------------------------- the method
+    def _ddim_step(self, noise_pred: Tensor, t: Tensor, prev_t: Tensor, latents: Tensor) -> Tensor:
+        """DDIM (eta = 0) with a timestep per batch item; equals ``DDIMScheduler.step`` item by item."""
+        config = self.scheduler.config
+        alphas = self.scheduler.alphas_cumprod.to(latents.device)
+        final = self.scheduler.final_alpha_cumprod.to(latents.device)
+        alpha_t = alphas[t].view(-1, 1, 1, 1)
+        alpha_prev = torch.where(prev_t >= 0, alphas[prev_t.clamp(min=0)], final).view(-1, 1, 1, 1)
+        beta_t = 1 - alpha_t
+        if config.prediction_type == "epsilon":
+            original = (latents - beta_t.sqrt() * noise_pred) / alpha_t.sqrt()
+            epsilon = noise_pred
+        elif config.prediction_type == "sample":
+            original = noise_pred
+            epsilon = (latents - alpha_t.sqrt() * original) / beta_t.sqrt()
+        elif config.prediction_type == "v_prediction":
+            original = alpha_t.sqrt() * latents - beta_t.sqrt() * noise_pred
+            epsilon = alpha_t.sqrt() * noise_pred + beta_t.sqrt() * latents
+        else:
+            raise ValueError(f"unsupported prediction_type {config.prediction_type!r}")
+        if config.thresholding:
+            original = self.scheduler._threshold_sample(original)
+        elif config.clip_sample:
+            original = original.clamp(-config.clip_sample_range, config.clip_sample_range)
+        return alpha_prev.sqrt() * original + (1 - alpha_prev).sqrt() * epsilon
+
+    def _draw(self, count: int, latent_shape: Tuple[int, ...], low: int, high: int, generator: GeneratorArg):
+        """Per edit, in a fixed order: start timestep, VAE sample noise, diffusion noise.
+
+        Drawing item by item makes a batch with one generator equal to the same edits made one
+        at a time with that generator, and a list of generators equal to one per edit.
+        """
+        generators: List[Optional[torch.Generator]]
+        if generator is None or isinstance(generator, torch.Generator):
+            generators = [generator] * count
+        else:
+            generators = list(generator)
+            if len(generators) != count:
+                raise ValueError(f"got {len(generators)} generators for {count} images")
+        starts, vae_noise, noise = [], [], []
+        for gen in generators:
+            where = gen.device if gen is not None else torch.device("cpu")
+            starts.append(torch.randint(low, high + 1, (1,), generator=gen, device=where).item())
+            vae_noise.append(torch.randn(latent_shape, generator=gen, device=where))
+            noise.append(torch.randn(latent_shape, generator=gen, device=where))
+        return starts, torch.stack(vae_noise).to(self.device), torch.stack(noise).to(self.device)
+
+    @torch.no_grad()
+    def _edit_batch(
+        self,
+        renders: Tensor,
+        condition: Tensor,
+        embeddings: Tensor,
+        starts: List[int],
+        vae_noise: Tensor,
+        noise: Tensor,
+        guidance_scale: float,
+        image_guidance_scale: float,
+        diffusion_steps: int,
+    ) -> Tensor:
+        count = renders.shape[0]
+        posterior = self.vae.encode(renders.to(self.device, self.dtype) * 2 - 1).latent_dist
+        latents = (posterior.mean.float() + posterior.std.float() * vae_noise) * self.latent_scaling
+        schedules = torch.stack([self._timesteps(start, diffusion_steps) for start in starts]).to(self.device)
+        strides = torch.tensor([start // diffusion_steps for start in starts], device=self.device)
+        latents = self.scheduler.add_noise(latents, noise, schedules[:, 0])
+        image_condition = torch.cat([condition, condition, torch.zeros_like(condition)])
+        text = torch.cat([embeddings[i : i + 1].expand(count, -1, -1) for i in range(3)])
+        for step in range(diffusion_steps):
+            t = schedules[:, step]
+            model_input = torch.cat([latents.to(self.dtype)] * 3)
+            model_input = torch.cat([model_input, image_condition.to(self.dtype)], dim=1)
+            prediction = self.unet(model_input, t.repeat(3), encoder_hidden_states=text).sample.float()
+            text_pred, image_pred, uncond_pred = prediction.chunk(3)
+            guided = (
+                uncond_pred
+                + guidance_scale * (text_pred - image_pred)
+                + image_guidance_scale * (image_pred - uncond_pred)
+            )
+            latents = self._ddim_step(guided, t, t - strides, latents)
+        decoded = self.vae.decode((latents / self.latent_scaling).to(self.dtype)).sample
+        return (decoded.float() / 2 + 0.5).clamp(0, 1)
+
+    def _first_batch_size(self, count: int, pixels: int) -> int:
+        """Largest batch allowed by ``max_batch_size``, the free GPU memory and any earlier OOM."""
+        limit = self.batch_size or self.max_batch_size or 16
+        if self.device.type == "cuda" and self.batch_size is None:
+            free, _ = torch.cuda.mem_get_info(self.device)
+            limit = min(limit, int(0.8 * free // (EDIT_BYTES_512 * max(1.0, pixels / 512**2))))
+        return max(1, min(limit, count))
+
+    def edit(
+        self,
+        renders: Tensor,
+        originals: Tensor,
+        prompt: str,
+        guidance_scale: float = 12.5,
+        image_guidance_scale: float = 1.5,
+        diffusion_steps: int = 20,
+        lower_bound: float = 0.70,
+        upper_bound: float = 0.98,
+        generator: GeneratorArg = None,
+        cond_keys: Optional[Sequence[Hashable]] = None,
+    ) -> Tensor:
+        """Edit ``renders`` [B,3,H,W] in [0,1] towards ``prompt``, conditioned on ``originals``.
+
+        Returns float [B,3,H,W] in [0,1] on the renders' device. ``cond_keys`` name the
+        originals for the latent cache (view ids); without them the pixels are fingerprinted.
+        """
+        _check_images("renders", renders)
+        _check_images("originals", originals)
+        if renders.shape != originals.shape:
+            raise ValueError(f"renders {tuple(renders.shape)} and originals {tuple(originals.shape)} differ in shape")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError("prompt must be a non-empty instruction, e.g. 'make it look like a marble statue'")
+        if not 0.0 <= lower_bound <= upper_bound <= 1.0:
+            raise ValueError(f"need 0 <= lower_bound <= upper_bound <= 1, got {lower_bound}, {upper_bound}")
+        if diffusion_steps < 1:
+            raise ValueError(f"diffusion_steps must be >= 1, got {diffusion_steps}")
+        count, _, height, width = renders.shape
+        if cond_keys is None:
+            cond_keys = [_content_key(image) for image in originals]
+        elif len(cond_keys) != count:
+            raise ValueError(f"got {len(cond_keys)} cond_keys for {count} images")
+        if count == 0:
+            return renders.new_zeros(renders.shape, dtype=torch.float32)
+
+        unet_height = max(self.vae_scale, round(height / self.vae_scale) * self.vae_scale)
+        unet_width = max(self.vae_scale, round(width / self.vae_scale) * self.vae_scale)
+        resized = (unet_height, unet_width) != (height, width)
+        if resized:
+            renders_in = F.interpolate(renders.float(), (unet_height, unet_width), mode="bilinear", align_corners=False)
+            originals_in = F.interpolate(originals.float(), (unet_height, unet_width), mode="bilinear", align_corners=False)
+        else:
+            renders_in, originals_in = renders, originals
+
+        total = int(self.scheduler.config.num_train_timesteps)
+        low, high = int(total * lower_bound), int(total * upper_bound)
+        latent_shape = (int(self.unet.config.out_channels), unet_height // self.vae_scale, unet_width // self.vae_scale)
+        starts, vae_noise, noise = self._draw(count, latent_shape, low, high, generator)
+        embeddings = self.encode_prompt(prompt)
+        condition = self._condition(originals_in, cond_keys)
+
+        outputs: List[Tensor] = []
+        batch = self._first_batch_size(count, unet_height * unet_width)
+        done = 0
+        while done < count:
+            part = slice(done, min(count, done + batch))
+            try:
+                outputs.append(
+                    self._edit_batch(
+                        renders_in[part],
+                        condition[part],
+                        embeddings,
+                        starts[part],
+                        vae_noise[part],
+                        noise[part],
+                        guidance_scale,
+                        image_guidance_scale,
+                        diffusion_steps,
+                    )
+                )
+            except Exception as error:  # noqa: BLE001 - only out-of-memory is retried
+                if not _is_out_of_memory(error) or batch == 1:
+                    raise
+                batch = self.batch_size = max(1, batch // 2)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            done = part.stop
+        edited = torch.cat(outputs)
+        if resized:
+            edited = F.interpolate(edited, (height, width), mode="bilinear", align_corners=False).clamp(0, 1)
+        return edited.to(renders.device)
+

@@ -1,0 +1,227 @@
+"""Splatfacto trained on edited images: L1 + LPIPS loss, and a CPU path for tests and tiny scenes.
+
+Three things in nerfstudio 1.1.5's splatfacto stop it from running without a GPU or a network:
+the SH initialisation from seed points and ``get_outputs`` call ``.cuda()``, and
+``populate_modules`` builds torchmetrics' LPIPS, which downloads AlexNet. This subclass avoids
+all three without forking the model: the eval LPIPS is built on first use, and on CPU the splats
+are drawn by :mod:`igs2gs.rasterize_torch`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import socket
+from dataclasses import dataclass, field
+from typing import Dict, Literal, Optional, Type, Union
+from unittest import mock
+
+import torch
+from torch import Tensor, nn
+
+from nerfstudio.cameras.cameras import Cameras
+from nerfstudio.models.splatfacto import RGB2SH, SplatfactoModel, SplatfactoModelConfig
+
+
+class LPIPSUnavailableError(RuntimeError):
+    """LPIPS's backbone weights are neither cached nor downloadable; the message says what to do."""
+
+
+def build_lpips(net: Literal["alex", "vgg"], pretrained_backbone: bool) -> nn.Module:
+    """The ``lpips`` package's LPIPS, frozen. Its linear heads ship with the package; the
+    torchvision backbone is downloaded once into the torch hub cache (or random, if asked)."""
+    import lpips
+
+    previous_timeout = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(30)  # an unreachable download must fail, not hang
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # lpips prints its set-up
+            model = lpips.LPIPS(net=net, pnet_rand=not pretrained_backbone, verbose=False)
+    except Exception as error:  # urllib, SSL and socket errors all mean "could not fetch the backbone"
+        import torchvision
+
+        weights = {"alex": torchvision.models.AlexNet_Weights, "vgg": torchvision.models.VGG16_Weights}[net]
+        url = weights.IMAGENET1K_V1.url
+        cache = torch.hub.get_dir() + "/checkpoints/" + url.rsplit("/", 1)[-1]
+        raise LPIPSUnavailableError(
+            f"LPIPS ({net}) needs torchvision's pretrained backbone {url.rsplit('/', 1)[-1]}, which is not at {cache} "
+            f"and could not be downloaded ({type(error).__name__}: {str(error)[:120]}). Copy {url} to {cache} "
+            "(or set TORCH_HOME to a folder that has it), or pass --pipeline.model.lpips-pretrained-backbone False "
+            "to use an untrained backbone."
+        ) from None
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
+    return model.eval().requires_grad_(False)
+
+
+class DeferredLPIPSMetric(nn.Module):
+    """Stands in for torchmetrics' LPIPS metric in splatfacto: same call, [1,3,H,W] in [0,1], but
+    the network is built only when an eval image is first scored, so loading a model for the
+    viewer, ``ns-render`` or ``ns-export`` never downloads anything."""
+
+    def __init__(self, net: Literal["alex", "vgg"], pretrained_backbone: bool) -> None:
+        super().__init__()
+        self.net_name, self.pretrained_backbone = net, pretrained_backbone
+        self._network: Optional[nn.Module] = None
+
+    def forward(self, images: Tensor, targets: Tensor) -> Tensor:
+        if self._network is None:
+            object.__setattr__(self, "_network", build_lpips(self.net_name, self.pretrained_backbone).to(images.device))
+        assert self._network is not None
+        return self._network(images, targets, normalize=True).mean()
+
+
+@dataclass
+class IGS2GSModelConfig(SplatfactoModelConfig):
+    """Splatfacto as Instruct-GS2GS trains it on edited views."""
+
+    _target: Type = field(default_factory=lambda: IGS2GSModel)
+    l1_loss_mult: float = 1.0
+    """Weight of the L1 photometric loss against the current (edited) training image."""
+    lpips_loss_mult: float = 1.0
+    """Weight of the LPIPS perceptual loss against the current (edited) training image."""
+    lpips_net: Literal["alex", "vgg"] = "alex"
+    """Backbone of the LPIPS loss."""
+    lpips_pretrained_backbone: bool = True
+    """Use torchvision's ImageNet weights for the LPIPS backbone (downloaded once). False: untrained backbone (offline tests)."""
+    rasterizer: Literal["auto", "gsplat", "torch"] = "auto"
+    """Rasterizer: gsplat's CUDA kernels, the dense pure-torch one (CPU, tiny scenes only), or auto by device."""
+    densify_from_load: bool = True
+    """Count the densification schedule (warmup, stop-split, opacity reset) from the loaded step, so an edit can grow and prune splats."""
+    prompt: Optional[str] = None
+    """Alias of --pipeline.prompt; ns-train's top-level --prompt sets this."""
+    stop_split_at: int = 5000
+    """Stop densifying this many steps after the edit started (with densify-from-load)."""
+    reset_alpha_every: int = 1000
+    """Reset opacities every this many refinements; the default never resets during an edit, which would blank the scene."""
+
+
+class IGS2GSModel(SplatfactoModel):
+    """Splatfacto with the Instruct-GS2GS loss and a rasterizer that also runs on CPU."""
+
+    config: IGS2GSModelConfig
+
+    def populate_modules(self) -> None:
+        seed_colours = None
+        if self.seed_points is not None and not torch.cuda.is_available():
+            # splatfacto builds the SH from seed colours with .cuda(); give it none and set them below.
+            points, seed_colours = self.seed_points
+            self.seed_points = (points, seed_colours[:0])
+        deferred = DeferredLPIPSMetric(self.config.lpips_net, self.config.lpips_pretrained_backbone)
+        with mock.patch("torchmetrics.image.lpip.LearnedPerceptualImagePatchSimilarity", lambda **_: deferred):
+            super().populate_modules()
+        if seed_colours is not None and len(seed_colours) and not self.config.random_init:
+            colours = seed_colours.float() / 255
+            features = RGB2SH(colours) if self.config.sh_degree > 0 else torch.logit(colours, eps=1e-10)
+            self.gauss_params["features_dc"].data.copy_(features)
+        self.refine_origin = 0
+        self._lpips_loss: Optional[nn.Module] = None
+
+    # ----------------------------------------------------------------------------- schedule
+    def start_edit_at(self, step: int) -> None:
+        """Make densification count from ``step`` (the loaded step) when ``densify_from_load``."""
+        self.refine_origin = step if self.config.densify_from_load else 0
+
+    def step_post_backward(self, step: int) -> None:
+        assert step == self.step
+        self.strategy.step_post_backward(
+            params=self.gauss_params,
+            optimizers=self.optimizers,
+            state=self.strategy_state,
+            step=self.step - self.refine_origin,
+            info=self.info,
+            packed=False,
+        )
+
+    # ----------------------------------------------------------------------------- rendering
+    def _use_torch_rasterizer(self) -> bool:
+        if self.config.rasterizer == "auto":
+            return self.device.type != "cuda"
+        return self.config.rasterizer == "torch"
+
+    def get_outputs(self, camera: Cameras) -> Dict[str, Union[Tensor, list]]:
+        if not self._use_torch_rasterizer():
+            return super().get_outputs(camera)
+        return self._get_outputs_torch(camera)
+
+    def _get_outputs_torch(self, camera: Cameras) -> Dict[str, Union[Tensor, list]]:
+        """``SplatfactoModel.get_outputs`` with the pure-torch rasterizer and no ``.cuda()``."""
+        from igs2gs.rasterize_torch import rasterize
+
+        if self.training:
+            assert camera.shape[0] == 1, "Only one camera at a time"
+            camera_to_world = self.camera_optimizer.apply_to_camera(camera)
+        else:
+            camera_to_world = camera.camera_to_worlds
+        keep = None
+        if self.crop_box is not None and not self.training:
+            keep = self.crop_box.within(self.means).squeeze()
+            if keep.sum() == 0:
+                return self.get_empty_outputs(int(camera.width.item()), int(camera.height.item()), self.background_color)
+        params = {name: (value[keep] if keep is not None else value) for name, value in self.gauss_params.items()}
+
+        scale = self._get_downscale_factor()
+        camera.rescale_output_resolution(1 / scale)
+        K = camera.get_intrinsics_matrices().to(self.device)
+        width, height = int(camera.width.item()), int(camera.height.item())
+        camera.rescale_output_resolution(scale)
+        self.last_size = (height, width)
+        # nerfstudio cameras look down -z with y up; gsplat's look down +z with y down.
+        flip = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0], device=self.device))
+        camera_to_world_4x4 = torch.eye(4, device=self.device).repeat(camera_to_world.shape[0], 1, 1)
+        camera_to_world_4x4[:, :3, :] = camera_to_world.to(self.device)
+        viewmat = torch.linalg.inv(camera_to_world_4x4 @ flip)
+
+        colours = torch.cat((params["features_dc"][:, None, :], params["features_rest"]), dim=1)
+        if self.config.sh_degree > 0:
+            sh_degree: Optional[int] = min(self.step // self.config.sh_degree_interval, self.config.sh_degree)
+        else:
+            colours, sh_degree = torch.sigmoid(colours).squeeze(1), None
+        render_depth = self.config.output_depth_during_training or not self.training
+        render, alpha, self.info = rasterize(
+            params["means"],
+            params["quats"],
+            torch.exp(params["scales"]),
+            torch.sigmoid(params["opacities"]).squeeze(-1),
+            colours,
+            viewmat,
+            K,
+            width,
+            height,
+            sh_degree,
+            render_depth=render_depth,
+        )
+        if self.training:
+            self.strategy.step_pre_backward(self.gauss_params, self.optimizers, self.strategy_state, self.step, self.info)
+        background = self._get_background_color()
+        rgb = torch.clamp(render[..., :3] + (1 - alpha) * background, 0.0, 1.0)
+        depth = None
+        if render_depth:
+            depth = torch.where(alpha > 0, render[..., 3:4], render[..., 3:4].detach().max()).squeeze(0)
+        if not self.training:
+            background = background.expand(height, width, 3)
+        return {"rgb": rgb.squeeze(0), "depth": depth, "accumulation": alpha.squeeze(0), "background": background}
+
+    # ----------------------------------------------------------------------------- loss
+    def _lpips(self) -> nn.Module:
+        if self._lpips_loss is None:
+            network = build_lpips(self.config.lpips_net, self.config.lpips_pretrained_backbone).to(self.device)
+            object.__setattr__(self, "_lpips_loss", network)  # a fixed network: kept out of checkpoints
+        assert self._lpips_loss is not None
+        return self._lpips_loss
+
+    def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, Tensor]:
+        """L1 + LPIPS against the current training image (an edit once the first sweep ran)."""
+        target = self.composite_with_background(self.get_gt_img(batch["image"]), outputs["background"])
+        prediction = outputs["rgb"]
+        if "mask" in batch:
+            mask = self._downscale_if_required(batch["mask"]).to(self.device)
+            target, prediction = target * mask, prediction * mask
+        loss_dict = {"main_loss": self.config.l1_loss_mult * torch.abs(target - prediction).mean()}
+        if self.config.lpips_loss_mult > 0:
+            as_batch = lambda image: image.permute(2, 0, 1)[None].clamp(0, 1)  # noqa: E731
+            perceptual = self._lpips()(as_batch(prediction), as_batch(target), normalize=True).mean()
+            loss_dict["lpips_loss"] = self.config.lpips_loss_mult * perceptual
+        if self.training:
+            self.camera_optimizer.get_loss_dict(loss_dict)
+        return loss_dict

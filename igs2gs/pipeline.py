@@ -1,0 +1,292 @@
+"""The Instruct-GS2GS loop: every ``gs_steps`` steps, render all training views, edit, swap in.
+
+Between sweeps this is plain splatfacto training on the working set. A sweep renders each view
+from the current splats with a fixed background, edits the renders in batches (the original photo
+conditions the edit), swaps the edits into the datamanager and stores each one atomically with
+the sweep progress, so an interrupted sweep resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Literal, Optional, Protocol, Sequence, Tuple, Type
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.cuda.amp.grad_scaler import GradScaler
+
+from igs2gs.datamanager import IGS2GSDataManagerConfig
+from igs2gs.edit_store import EditStore, SweepState
+from igs2gs.model import IGS2GSModelConfig
+from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
+from nerfstudio.utils import writer
+from nerfstudio.utils.rich_utils import CONSOLE
+
+DEFAULT_PROMPT = "don't change the image"
+DEFAULT_IP2P_MODEL = "timbrooks/instruct-pix2pix"
+
+
+class Editor(Protocol):
+    """What the pipeline needs of an editor (InstructPix2Pix, or a benchmark's oracle)."""
+
+    def edit(
+        self,
+        renders: Tensor,
+        originals: Tensor,
+        prompt: str,
+        guidance_scale: float = 12.5,
+        image_guidance_scale: float = 1.5,
+        diffusion_steps: int = 20,
+        lower_bound: float = 0.70,
+        upper_bound: float = 0.98,
+        generator=None,
+        cond_keys: Optional[Sequence[int]] = None,
+    ) -> Tensor: ...
+
+
+@dataclass
+class IGS2GSPipelineConfig(VanillaPipelineConfig):
+    """Instruct-GS2GS: splatfacto trained on views that InstructPix2Pix re-edits every few thousand steps."""
+
+    _target: Type = field(default_factory=lambda: IGS2GSPipeline)
+    datamanager: IGS2GSDataManagerConfig = field(default_factory=IGS2GSDataManagerConfig)
+    """Datamanager holding the original photos and the edited working set."""
+    model: IGS2GSModelConfig = field(default_factory=IGS2GSModelConfig)
+    """Splatfacto model trained on the edited views."""
+    prompt: str = DEFAULT_PROMPT
+    """The edit instruction, e.g. 'make him a marble statue'."""
+    guidance_scale: float = 12.5
+    """Text guidance: how strongly the edit follows the instruction."""
+    image_guidance_scale: float = 1.5
+    """Image guidance: how strongly the edit stays close to the original photo."""
+    gs_steps: int = 2500
+    """Steps between sweeps; each sweep re-edits every training view from the current splats."""
+    diffusion_steps: int = 20
+    """DDIM denoising steps per edit."""
+    lower_bound: float = 0.70
+    """Lowest noise level (fraction of the diffusion timesteps) a render is noised to before editing."""
+    upper_bound: float = 0.98
+    """Highest noise level (fraction of the diffusion timesteps) a render is noised to before editing."""
+    ip2p_model: str = DEFAULT_IP2P_MODEL
+    """InstructPix2Pix weights: a Hugging Face hub id or a local diffusers folder."""
+    ip2p_device: Optional[str] = None
+    """Device of the editor (e.g. cuda:1); default: the training device."""
+    ip2p_use_full_precision: bool = False
+    """Run the editor in float32 instead of float16 (twice the memory, slower)."""
+    ip2p_cpu_offload: bool = False
+    """Keep the editor's sub-models on the CPU until used (for GPUs with little memory; much slower)."""
+    ip2p_max_batch_size: Optional[int] = None
+    """Most views edited at once; default: as many as free GPU memory allows (an out-of-memory error halves it)."""
+    edit_seed: int = 0
+    """Seed of the edit noise; each (sweep, view) gets its own stream, so a resumed sweep makes the same edits."""
+    sheet_views: int = 4
+    """Views shown (original | render | edit) on the before/after sheet written after each sweep."""
+
+
+def _seeded(seed: int, sweep: int, view: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + sweep * 100_003 + view) % (2**63))
+
+
+def _size_groups(view_ids: Sequence[int], sizes: Sequence[Tuple[int, int]], limit: int) -> List[List[int]]:
+    """Consecutive runs of views with the same image size, at most ``limit`` long (one edit batch each)."""
+    groups: List[List[int]] = []
+    for view in view_ids:
+        if groups and len(groups[-1]) < limit and sizes[groups[-1][0]] == sizes[view]:
+            groups[-1].append(view)
+        else:
+            groups.append([view])
+    return groups
+
+
+class IGS2GSPipeline(VanillaPipeline):
+    """Splatfacto pipeline with the sweep schedule of Instruct-GS2GS."""
+
+    config: IGS2GSPipelineConfig
+
+    def __init__(
+        self,
+        config: IGS2GSPipelineConfig,
+        device: str,
+        test_mode: Literal["test", "val", "inference"] = "val",
+        world_size: int = 1,
+        local_rank: int = 0,
+        grad_scaler: Optional[GradScaler] = None,
+    ) -> None:
+        super().__init__(config, device, test_mode, world_size, local_rank, grad_scaler)
+        self.prompt = config.model.prompt or config.prompt
+        self.editor: Optional[Editor] = None
+        self.edit_store: Optional[EditStore] = None
+        self.sweep_state: Optional[SweepState] = None
+        self.sweep_timings: List[Dict[str, float]] = []
+        if test_mode == "val":  # training; the viewer, ns-render and ns-export never load the editor
+            check_prompt(self.prompt)
+            self.editor = self._load_editor()
+
+    def _load_editor(self) -> Editor:
+        from igs2gs.ip2p import InstructPix2Pix
+
+        device = self.config.ip2p_device or str(self.device)
+        CONSOLE.log(f"Loading InstructPix2Pix from {self.config.ip2p_model} onto {device}")
+        return InstructPix2Pix.from_pretrained(
+            self.config.ip2p_model,
+            device=device,
+            dtype=torch.float32 if self.config.ip2p_use_full_precision else torch.float16,
+            cpu_offload=self.config.ip2p_cpu_offload,
+            max_batch_size=self.config.ip2p_max_batch_size,
+        )
+
+    @property
+    def editor_device(self) -> torch.device:
+        return torch.device(getattr(self.editor, "device", self.device))
+
+    # ------------------------------------------------------------------------- state
+    def start_editing(self, store: EditStore, loaded_step: int, previous: Optional[EditStore] = None) -> None:
+        """Attach the run's edit store; when resuming, restore the stored edits into the working set."""
+        if previous is not None:
+            store.adopt(previous)
+        names = self.datamanager.image_names
+        state = store.load_state()
+        if state is None:
+            state = SweepState(edit_start_step=loaded_step, image_names=names)
+        elif state.image_names != names:
+            raise ValueError(
+                f"The edits in {store.folder} belong to other training views ({len(state.image_names)} views, first "
+                f"{state.image_names[:2]}) than --data gives ({len(names)} views, first {names[:2]}). "
+                "Resume with the data the edit was started on."
+            )
+        else:
+            edits = store.load_edits()
+            self.datamanager.replace_uint8({view: torch.from_numpy(image) for view, image in edits.items()})
+            where = f", sweep {state.sweep_in_progress} resumes after {len(state.views_done)} views" if state.sweep_in_progress is not None else ""
+            CONSOLE.log(f"Restored {len(edits)} edited views from {store.folder} ({state.sweeps_completed} sweeps done{where})")
+        state.settings = self.edit_settings()
+        self.edit_store, self.sweep_state = store, state
+        store.save_state(state)
+
+    def edit_settings(self) -> Dict[str, object]:
+        return {
+            "prompt": self.prompt,
+            "guidance_scale": self.config.guidance_scale,
+            "image_guidance_scale": self.config.image_guidance_scale,
+        }
+
+    def sweep_due(self, step: int) -> Optional[int]:
+        """Index of the sweep to run before training ``step``, if any."""
+        state = self.sweep_state
+        if state is None or self.editor is None:
+            return None
+        if state.sweep_in_progress is not None:
+            return state.sweep_in_progress
+        since_start = step - state.edit_start_step - 1
+        if since_start >= 0 and since_start % self.config.gs_steps == 0 and state.sweeps_completed <= since_start // self.config.gs_steps:
+            return state.sweeps_completed
+        return None
+
+    # ------------------------------------------------------------------------- training
+    def get_train_loss_dict(self, step: int):
+        sweep = self.sweep_due(step)
+        if sweep is not None:
+            self.run_sweep(sweep, step)
+        return super().get_train_loss_dict(step)
+
+    @torch.no_grad()
+    def _render(self, view_ids: Sequence[int]) -> Tensor:
+        """Renders of ``view_ids`` from the current splats, float [B, 3, H, W], fixed background."""
+        cameras = self.datamanager.train_dataset.cameras
+        renders = [self.model.get_outputs_for_camera(cameras[v : v + 1])["rgb"] for v in view_ids]
+        return torch.stack(renders).permute(0, 3, 1, 2).clamp(0, 1)
+
+    def run_sweep(self, sweep: int, step: int) -> None:
+        """Render, edit and swap in every training view not yet edited in this sweep."""
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        assert self.editor is not None and self.edit_store is not None and self.sweep_state is not None
+        state, store, datamanager = self.sweep_state, self.edit_store, self.datamanager
+        state.sweep_in_progress = sweep
+        store.save_state(state)
+        originals_all = datamanager.original_images
+        sizes = [tuple(image.shape[:2]) for image in originals_all]
+        todo = [view for view in range(len(originals_all)) if view not in set(state.views_done)]
+        batch = self.config.ip2p_max_batch_size or 8
+        timings = {"render_s": 0.0, "edit_s": 0.0, "swap_s": 0.0}
+        sheet_rows: List[np.ndarray] = []
+        was_training = self.model.training
+        self.model.eval()
+        columns = (
+            TextColumn(f"[bold]igs2gs sweep {sweep + 1}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("views · {task.fields[rate]:.2f} edits/s · ETA"),
+            TimeRemainingColumn(),
+        )
+        started = time.perf_counter()
+        try:
+            with Progress(*columns, console=CONSOLE, transient=False) as progress:
+                task = progress.add_task("sweep", total=len(originals_all), completed=len(state.views_done), rate=0.0)
+                for group in _size_groups(todo, sizes, batch):
+                    t0 = time.perf_counter()
+                    renders = self._render(group)
+                    t1 = time.perf_counter()
+                    edits = self.editor.edit(
+                        renders.to(self.editor_device),
+                        datamanager.originals(group, self.editor_device),
+                        self.prompt,
+                        guidance_scale=self.config.guidance_scale,
+                        image_guidance_scale=self.config.image_guidance_scale,
+                        diffusion_steps=self.config.diffusion_steps,
+                        lower_bound=self.config.lower_bound,
+                        upper_bound=self.config.upper_bound,
+                        generator=[_seeded(self.config.edit_seed, sweep, view) for view in group],
+                        cond_keys=list(group),
+                    )
+                    t2 = time.perf_counter()
+                    stored = datamanager.replace(group, edits).cpu().numpy()
+                    for view, image in zip(group, stored):
+                        store.save_edit(view, image)
+                    state.views_done.extend(group)
+                    store.save_state(state)
+                    timings["render_s"] += t1 - t0
+                    timings["edit_s"] += t2 - t1
+                    timings["swap_s"] += time.perf_counter() - t2
+                    sheet_rows.extend(self._sheet_rows(group, renders, stored, len(sheet_rows)))
+                    done = len(state.views_done)
+                    progress.update(task, completed=done, rate=done / max(time.perf_counter() - started, 1e-9))
+        finally:
+            self.model.train(was_training)
+        state.sweeps_completed, state.sweep_in_progress, state.views_done = sweep + 1, None, []
+        store.save_state(state)
+        timings["total_s"] = time.perf_counter() - started
+        timings["views"] = float(len(todo))
+        self.sweep_timings.append(timings)
+        if sheet_rows:
+            sheet = np.concatenate(sheet_rows, axis=0)
+            store.save_sheet(sweep, sheet)
+            writer.put_image(name=f"igs2gs/before_after_sweep_{sweep:02d}", image=torch.from_numpy(sheet) / 255.0, step=step)
+        CONSOLE.log(
+            f"igs2gs sweep {sweep + 1}: {len(todo)} views in {timings['total_s']:.1f} s "
+            f"(render {timings['render_s']:.1f} s, edit {timings['edit_s']:.1f} s, store {timings['swap_s']:.1f} s)"
+        )
+
+    def _sheet_rows(self, group: Sequence[int], renders: Tensor, stored: np.ndarray, have: int) -> List[np.ndarray]:
+        """Rows of original | render | edit for the first ``sheet_views`` views of a sweep."""
+        rows = []
+        for index, view in enumerate(group[: max(0, self.config.sheet_views - have)]):
+            original = self.datamanager.original_images[view].cpu().numpy()
+            if original.dtype != np.uint8:
+                original = np.round(np.clip(original, 0, 1) * 255).astype(np.uint8)
+            render = np.round(renders[index].permute(1, 2, 0).cpu().numpy() * 255).astype(np.uint8)
+            rows.append(np.concatenate([original, render, stored[index]], axis=1))
+        return rows
+
+
+def check_prompt(prompt: str) -> None:
+    """Refuse an empty instruction; warn about the default one, which asks for no change."""
+    if not prompt or not prompt.strip():
+        raise ValueError("The edit instruction is empty: pass one with --pipeline.prompt \"make him a marble statue\".")
+    if prompt.strip() == DEFAULT_PROMPT:
+        CONSOLE.print(
+            f"[bold yellow]Warning: the instruction is the default {DEFAULT_PROMPT!r}, which asks for no change. "
+            "Pass your edit with --pipeline.prompt \"...\"."
+        )

@@ -1,0 +1,168 @@
+"""Trainer that edits a loaded splatfacto scene and can resume an interrupted edit.
+
+nerfstudio 1.1.5 builds the optimizers before loading a checkpoint, and splatfacto's
+``load_state_dict`` replaces every Gaussian parameter with a new tensor: the optimizers keep
+stepping the discarded tensors and the scene never changes. Here the optimizers are rebuilt on
+the loaded parameters (then given the checkpoint's Adam state), the learning-rate schedules start
+at the loaded step, and the edit store beside the checkpoints is attached (and restored on resume).
+Checkpoints are written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Literal, Optional, Type
+
+import torch
+
+from igs2gs.edit_store import STORE_DIRNAME, EditStore
+from nerfstudio.engine.trainer import Trainer, TrainerConfig
+from nerfstudio.utils.rich_utils import CONSOLE
+
+GAUSSIAN_KEY = "_model.gauss_params.means"
+
+
+class CheckpointError(ValueError):
+    """The checkpoint to edit is missing, unreadable, of another method or of other data."""
+
+
+def find_checkpoint(load_dir: Optional[Path], load_step: Optional[int], load_checkpoint: Optional[Path]) -> Path:
+    """The checkpoint file that ``--load-dir``/``--load-step`` or ``--load-checkpoint`` name."""
+    if load_checkpoint is not None:
+        if not Path(load_checkpoint).is_file():
+            raise CheckpointError(f"--load-checkpoint {load_checkpoint} does not exist.")
+        return Path(load_checkpoint)
+    if load_dir is None:
+        raise CheckpointError(
+            "igs2gs edits a trained scene and needs one to start from. Train it first with "
+            "`ns-train splatfacto --data DATA`, then run `ns-train igs2gs --data DATA "
+            "--load-dir outputs/<scene>/splatfacto/<timestamp>/nerfstudio_models --pipeline.prompt \"...\"`."
+        )
+    steps = sorted(int(m.group(1)) for p in Path(load_dir).glob("step-*.ckpt") if (m := re.fullmatch(r"step-(\d+)\.ckpt", p.name)))
+    if not steps:
+        raise CheckpointError(f"--load-dir {load_dir} holds no step-*.ckpt checkpoint (point it at a run's nerfstudio_models folder).")
+    step = steps[-1] if load_step is None else load_step
+    if step not in steps:
+        raise CheckpointError(f"--load-step {load_step} is not in {load_dir} (it has steps {steps}).")
+    return Path(load_dir) / f"step-{step:09d}.ckpt"
+
+
+def method_of_run(checkpoint: Path) -> Optional[str]:
+    """``method_name`` from the config.yml of the run a checkpoint belongs to, if there is one."""
+    config = checkpoint.parent.parent / "config.yml"
+    if not config.is_file():
+        return None
+    match = re.search(r"^method_name: (\S+)", config.read_text(), flags=re.MULTILINE)
+    return match.group(1) if match else None
+
+
+def load_checkpoint_state(checkpoint: Path) -> Dict[str, Any]:
+    """Read a checkpoint and check that it holds a Gaussian-splatting scene."""
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    except Exception as error:  # truncated or foreign files
+        raise CheckpointError(f"Could not read checkpoint {checkpoint}: {type(error).__name__}: {error}") from None
+    if not isinstance(state, dict) or "pipeline" not in state or "step" not in state:
+        raise CheckpointError(f"{checkpoint} is not a nerfstudio checkpoint (no 'pipeline'/'step' entries).")
+    if GAUSSIAN_KEY not in state["pipeline"]:
+        method = method_of_run(checkpoint) or "another method"
+        raise CheckpointError(
+            f"{checkpoint} is a checkpoint of {method}, not of a Gaussian-splatting scene (it has no "
+            f"{GAUSSIAN_KEY}). igs2gs edits splatfacto scenes: train one with `ns-train splatfacto --data DATA`."
+        )
+    return state
+
+
+def check_same_scene(checkpoint: Path, dataparser_outputs) -> None:
+    """Refuse data whose scene normalisation differs from the one the checkpoint was trained in.
+
+    The splats live in the dataparser's normalised frame; other data (or other dataparser
+    settings) would put the cameras somewhere else and the sweep would edit garbage.
+    """
+    saved = checkpoint.parent.parent / "dataparser_transforms.json"
+    if not saved.is_file():
+        CONSOLE.print(f"[yellow]No dataparser_transforms.json beside {checkpoint.parent}: cannot check that --data matches it.")
+        return
+    recorded = json.loads(saved.read_text())
+    transform = torch.tensor(recorded["transform"], dtype=torch.float32)
+    ours = dataparser_outputs.dataparser_transform.float()
+    scale_ratio = float(dataparser_outputs.dataparser_scale) / float(recorded["scale"])
+    if not torch.allclose(transform, ours, atol=1e-4) or abs(scale_ratio - 1) > 1e-4:
+        raise CheckpointError(
+            f"--data does not match the checkpoint's training data: its scene normalisation ({saved}) differs from "
+            "the one computed now (other images, poses or dataparser settings). Pass the --data the scene was trained on."
+        )
+
+
+@dataclass
+class IGS2GSTrainerConfig(TrainerConfig):
+    """Trainer for an edit of a loaded splatfacto scene."""
+
+    _target: Type = field(default_factory=lambda: IGS2GSTrainer)
+    restart_schedules: bool = True
+    """Start the learning-rate schedules afresh at the loaded step (a finished splatfacto run has decayed the position LR to its floor, which would freeze the geometry)."""
+
+
+class IGS2GSTrainer(Trainer):
+    """Loads a splatfacto (or igs2gs) checkpoint so that training really moves the loaded splats."""
+
+    config: IGS2GSTrainerConfig
+
+    def setup(self, test_mode: Literal["test", "val", "inference"] = "val") -> None:
+        # Fail before datasets and the editor load: a missing or foreign checkpoint is the commonest mistake.
+        self.checkpoint_path = find_checkpoint(self.config.load_dir, self.config.load_step, self.config.load_checkpoint)
+        self.loaded_state: Optional[Dict[str, Any]] = load_checkpoint_state(self.checkpoint_path)
+        super().setup(test_mode)
+
+    def _load_checkpoint(self) -> None:
+        state, path = self.loaded_state, self.checkpoint_path
+        assert state is not None
+        self.loaded_state = None  # free the CPU copy once loaded
+        check_same_scene(path, self.pipeline.datamanager.train_dataparser_outputs)
+        previous = EditStore(path.parent.parent / STORE_DIRNAME)
+        resuming = previous.state_path.is_file()
+        loaded_step = int(state["step"])
+        self._start_step = loaded_step + 1
+        self.pipeline.load_pipeline(state["pipeline"], loaded_step)
+        # The stale-optimizer fix: build the optimizers on the parameters that now exist.
+        self.optimizers = self.setup_optimizers()
+        self.optimizers.load_optimizers(state["optimizers"])
+        if "schedulers" in state and (resuming or not self.config.restart_schedules):
+            self.optimizers.load_schedulers(state["schedulers"])
+        self.grad_scaler.load_state_dict(state["scalers"])
+        store = EditStore(self.base_dir / STORE_DIRNAME)
+        self.pipeline.start_editing(store, loaded_step, previous if resuming else None)
+        edit_start = self.pipeline.sweep_state.edit_start_step
+        self.pipeline.model.start_edit_at(edit_start)
+        # The edit ends max_num_iterations after the step it started from, also across resumes.
+        end_step = edit_start + self.config.max_num_iterations
+        self.config.max_num_iterations = max(0, end_step - loaded_step)
+        CONSOLE.print(
+            f"Loaded {path} (step {loaded_step}, {self.pipeline.model.num_points} Gaussians); "
+            f"{'resuming the edit' if resuming else 'editing'} until step {end_step}."
+        )
+
+    def save_checkpoint(self, step: int) -> None:
+        """Like nerfstudio's, but written to a temporary file and renamed, so a kill never leaves half a checkpoint."""
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        path = self.checkpoint_dir / f"step-{step:09d}.ckpt"
+        temporary = path.with_name(f".{path.name}.tmp")
+        torch.save(
+            {
+                "step": step,
+                "pipeline": self.pipeline.state_dict(),
+                "optimizers": {k: v.state_dict() for (k, v) in self.optimizers.optimizers.items()},
+                "schedulers": {k: v.state_dict() for (k, v) in self.optimizers.schedulers.items()},
+                "scalers": self.grad_scaler.state_dict(),
+            },
+            temporary,
+        )
+        os.replace(temporary, path)
+        if self.config.save_only_latest_checkpoint:
+            for old in self.checkpoint_dir.glob("step-*.ckpt"):
+                if old != path:
+                    old.unlink()
