@@ -92,6 +92,8 @@ class IGS2GSModelConfig(SplatfactoModelConfig):
     """Alias of --pipeline.prompt; ns-train's top-level --prompt sets this."""
     stop_split_at: int = 5000
     """Stop densifying this many steps after the edit started (with densify-from-load)."""
+    num_downscales: int = 0
+    """Train at 1/2^d resolution at first; an edit starts from a trained scene, so at full resolution."""
     reset_alpha_every: int = 1000
     """Reset opacities every this many refinements; the default never resets during an edit, which would blank the scene."""
 

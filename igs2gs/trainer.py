@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Literal, Optional, Type
 
+import numpy as np
 import torch
 
 from igs2gs.edit_store import STORE_DIRNAME, EditStore
@@ -24,6 +25,22 @@ from nerfstudio.engine.trainer import Trainer, TrainerConfig
 from nerfstudio.utils.rich_utils import CONSOLE
 
 GAUSSIAN_KEY = "_model.gauss_params.means"
+
+
+def plain_numbers(value: Any) -> Any:
+    """``value`` with numpy scalars turned into Python numbers.
+
+    nerfstudio's exponential LR schedule leaves numpy floats in optimizer and scheduler states;
+    torch >= 2.6 then refuses the checkpoint in ``ns-viewer``/``ns-render``/``ns-export``, which
+    load with ``weights_only=True``.
+    """
+    if isinstance(value, dict):
+        return {key: plain_numbers(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain_numbers(item) for item in value)
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
 
 
 class CheckpointError(ValueError):
@@ -147,20 +164,19 @@ class IGS2GSTrainer(Trainer):
         )
 
     def save_checkpoint(self, step: int) -> None:
-        """Like nerfstudio's, but written to a temporary file and renamed, so a kill never leaves half a checkpoint."""
+        """Like nerfstudio's, but loadable with ``weights_only=True`` and written to a temporary
+        file then renamed, so a kill never leaves half a checkpoint."""
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         path = self.checkpoint_dir / f"step-{step:09d}.ckpt"
         temporary = path.with_name(f".{path.name}.tmp")
-        torch.save(
-            {
-                "step": step,
-                "pipeline": self.pipeline.state_dict(),
-                "optimizers": {k: v.state_dict() for (k, v) in self.optimizers.optimizers.items()},
-                "schedulers": {k: v.state_dict() for (k, v) in self.optimizers.schedulers.items()},
-                "scalers": self.grad_scaler.state_dict(),
-            },
-            temporary,
-        )
+        state = {
+            "step": step,
+            "pipeline": self.pipeline.state_dict(),
+            "optimizers": {k: v.state_dict() for (k, v) in self.optimizers.optimizers.items()},
+            "schedulers": {k: v.state_dict() for (k, v) in self.optimizers.schedulers.items()},
+            "scalers": self.grad_scaler.state_dict(),
+        }
+        torch.save(plain_numbers(state), temporary)
         os.replace(temporary, path)
         if self.config.save_only_latest_checkpoint:
             for old in self.checkpoint_dir.glob("step-*.ckpt"):
