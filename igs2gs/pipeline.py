@@ -121,7 +121,6 @@ class IGS2GSPipeline(VanillaPipeline):
         self.sweep_state: Optional[SweepState] = None
         self.sweep_timings: List[Dict[str, float]] = []
         if test_mode == "val":  # training; the viewer, ns-render and ns-export never load the editor
-            check_prompt(self.prompt)
             self.editor = self._load_editor()
 
     def _load_editor(self) -> Editor:

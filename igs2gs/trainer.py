@@ -10,6 +10,7 @@ Checkpoints are written atomically.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from igs2gs.edit_store import STORE_DIRNAME, EditStore
+from igs2gs.pipeline import check_prompt
 from nerfstudio.engine.trainer import Trainer, TrainerConfig
 from nerfstudio.utils.rich_utils import CONSOLE
 
@@ -131,15 +133,25 @@ class IGS2GSTrainer(Trainer):
 
     def setup(self, test_mode: Literal["test", "val", "inference"] = "val") -> None:
         # Fail before datasets and the editor load: a missing or foreign checkpoint is the commonest mistake.
+        pipeline = self.config.pipeline
+        check_prompt(pipeline.model.prompt or pipeline.prompt)
         self.checkpoint_path = find_checkpoint(self.config.load_dir, self.config.load_step, self.config.load_checkpoint)
         self.loaded_state: Optional[Dict[str, Any]] = load_checkpoint_state(self.checkpoint_path)
+        check_same_scene(self.checkpoint_path, self._train_dataparser_outputs())
         super().setup(test_mode)
+
+    def _train_dataparser_outputs(self):
+        """The training split as the datamanager will parse it (poses and normalisation only, no images)."""
+        datamanager = self.config.pipeline.datamanager
+        dataparser = copy.deepcopy(datamanager.dataparser)
+        if datamanager.data is not None:
+            dataparser.data = Path(datamanager.data)
+        return dataparser.setup().get_dataparser_outputs(split="train")
 
     def _load_checkpoint(self) -> None:
         state, path = self.loaded_state, self.checkpoint_path
         assert state is not None
         self.loaded_state = None  # free the CPU copy once loaded
-        check_same_scene(path, self.pipeline.datamanager.train_dataparser_outputs)
         previous = EditStore(path.parent.parent / STORE_DIRNAME)
         resuming = previous.state_path.is_file()
         loaded_step = int(state["step"])
@@ -158,6 +170,8 @@ class IGS2GSTrainer(Trainer):
         # The edit ends max_num_iterations after the step it started from, also across resumes.
         end_step = edit_start + self.config.max_num_iterations
         self.config.max_num_iterations = max(0, end_step - loaded_step)
+        if not resuming:  # makes the run resumable from its first sweep on
+            self.save_checkpoint(loaded_step)
         CONSOLE.print(
             f"Loaded {path} (step {loaded_step}, {self.pipeline.model.num_points} Gaussians); "
             f"{'resuming the edit' if resuming else 'editing'} until step {end_step}."

@@ -111,13 +111,13 @@ def _render(c2w: np.ndarray, size: int, focal: float) -> np.ndarray:
 def _surface_points(count: int, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
     """Points on the visible surfaces with their shaded colours (what SfM would triangulate)."""
     on_spheres = count * 2 // 3
-    which = rng.integers(0, len(SPHERES), on_spheres)
-    normals = rng.normal(size=(on_spheres, 3))
+    which = rng.integers(0, len(SPHERES), 2 * on_spheres)
+    normals = rng.normal(size=(2 * on_spheres, 3))
     normals /= np.linalg.norm(normals, axis=1, keepdims=True)
     centres = np.array([s[0] for s in SPHERES])[which]
     radii = np.array([s[1] for s in SPHERES])[which]
     sphere_points = centres + normals * radii[:, None]
-    keep = sphere_points[:, 2] > 0.02
+    keep = np.flatnonzero(sphere_points[:, 2] > 0.02)[:on_spheres]  # above the ground
     sphere_points, normals, which = sphere_points[keep], normals[keep], which[keep]
     sphere_colours = np.zeros_like(sphere_points)
     for index in range(len(SPHERES)):

@@ -1,0 +1,234 @@
+"""InstructPix2Pix editor: semantics, caching, batching and errors, on the tiny random model."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from igs2gs.ip2p import InstructPix2Pix, IP2PUnavailableError
+
+PROMPT = "make it look like bronze"
+
+
+@pytest.fixture(scope="module")
+def ip2p(tiny_ip2p_dir) -> InstructPix2Pix:
+    return InstructPix2Pix.from_pretrained(str(tiny_ip2p_dir), device="cpu")
+
+
+def images(count: int, height: int = 32, width: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.rand(count, 3, height, width, generator=torch.Generator().manual_seed(seed))
+
+
+def generators(count: int, seed: int = 0):
+    return [torch.Generator().manual_seed(seed + i) for i in range(count)]
+
+
+def test_tiny_directory_round_trips_through_from_pretrained(tiny_ip2p_dir):
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    assert (tiny_ip2p_dir / "model_index.json").is_file()
+    pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(str(tiny_ip2p_dir), safety_checker=None)
+    assert pipe.unet.config.in_channels == 8 and pipe.tokenizer.model_max_length == 77
+    assert len(pipe.tokenizer(PROMPT).input_ids) > 3
+
+
+def test_edit_returns_images_of_the_input_shape_range_and_device(ip2p):
+    renders, originals = images(2, 24, 40), images(2, 24, 40, seed=1)
+    edited = ip2p.edit(renders, originals, PROMPT, diffusion_steps=3)
+    assert edited.shape == renders.shape and edited.dtype == torch.float32 and edited.device == renders.device
+    assert edited.min() >= 0 and edited.max() <= 1
+    assert not torch.allclose(edited, renders)
+
+
+def test_non_multiple_of_eight_sizes_are_resized_for_the_unet_and_back(ip2p):
+    edited = ip2p.edit(images(1, 30, 45), images(1, 30, 45, seed=1), PROMPT, diffusion_steps=2)
+    assert edited.shape == (1, 3, 30, 45)
+
+
+def test_same_generator_seeds_give_the_same_edit(ip2p):
+    renders, originals = images(2), images(2, seed=1)
+    first = ip2p.edit(renders, originals, PROMPT, diffusion_steps=3, generator=generators(2))
+    second = ip2p.edit(renders, originals, PROMPT, diffusion_steps=3, generator=generators(2))
+    other = ip2p.edit(renders, originals, PROMPT, diffusion_steps=3, generator=generators(2, seed=10))
+    assert torch.equal(first, second)
+    assert (first - other).abs().max() > 1e-3
+
+
+def test_batched_edits_equal_one_by_one_edits(ip2p):
+    renders, originals = images(3), images(3, seed=1)
+    batched = ip2p.edit(renders, originals, PROMPT, guidance_scale=2.0, diffusion_steps=4, generator=generators(3))
+    single = torch.cat(
+        [
+            ip2p.edit(renders[i : i + 1], originals[i : i + 1], PROMPT, guidance_scale=2.0, diffusion_steps=4, generator=generators(3)[i : i + 1])
+            for i in range(3)
+        ]
+    )
+    assert (batched - single).abs().max() < 1e-3
+    # One shared generator draws item by item, so it matches too.
+    shared_batched = ip2p.edit(renders, originals, PROMPT, guidance_scale=2.0, diffusion_steps=4, generator=torch.Generator().manual_seed(5))
+    shared = torch.Generator().manual_seed(5)
+    shared_single = torch.cat(
+        [ip2p.edit(renders[i : i + 1], originals[i : i + 1], PROMPT, guidance_scale=2.0, diffusion_steps=4, generator=shared) for i in range(3)]
+    )
+    assert (shared_batched - shared_single).abs().max() < 1e-3
+
+
+def test_ddim_step_matches_diffusers_for_a_rescaled_schedule(ip2p):
+    """The reference rescales the DDIM schedule to the drawn start timestep T; our per-item step must agree."""
+    from diffusers import DDIMScheduler
+
+    for start, steps in ((843, 20), (700, 7), (980, 1)):
+        scheduler = DDIMScheduler.from_config(ip2p.scheduler.config)
+        scheduler.config.num_train_timesteps = start
+        scheduler.set_timesteps(steps)
+        assert torch.equal(ip2p._timesteps(start, steps), scheduler.timesteps)
+        latents, noise = torch.randn(1, 4, 4, 4), torch.randn(1, 4, 4, 4)
+        for t in scheduler.timesteps:
+            expected = scheduler.step(noise, t, latents).prev_sample
+            ours = ip2p._ddim_step(noise, t.view(1), t.view(1) - start // steps, latents)
+            assert torch.allclose(expected, ours, atol=1e-6)
+
+
+class StubUNet(torch.nn.Module):
+    """Predicts a constant per CFG branch: 1 for text+image, 2 for image only, 3 unconditional."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.dtype = torch.float32
+        self.seen_timesteps = []
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        self.seen_timesteps.append(timestep.clone())
+        third = sample.shape[0] // 3
+        values = torch.tensor([1.0, 2.0, 3.0]).repeat_interleave(third).view(-1, 1, 1, 1)
+        return SimpleNamespace(sample=values.expand(-1, 4, *sample.shape[2:]).clone())
+
+
+def test_guidance_combines_the_three_branches_as_instruct_pix2pix_does(ip2p, monkeypatch):
+    stub = StubUNet(ip2p.unet.config)
+    monkeypatch.setattr(ip2p, "unet", stub)
+    captured = {}
+    real_step = ip2p._ddim_step
+
+    def spy(noise_pred, t, prev_t, latents):
+        captured.setdefault("noise_pred", noise_pred.clone())
+        return real_step(noise_pred, t, prev_t, latents)
+
+    monkeypatch.setattr(ip2p, "_ddim_step", spy)
+    g_text, g_image = 7.5, 1.25
+    ip2p.edit(images(2), images(2, seed=1), PROMPT, guidance_scale=g_text, image_guidance_scale=g_image, diffusion_steps=2)
+    expected = 3.0 + g_text * (1.0 - 2.0) + g_image * (2.0 - 3.0)
+    assert torch.allclose(captured["noise_pred"], torch.full_like(captured["noise_pred"], expected))
+
+
+def test_start_timestep_is_drawn_within_the_bounds(ip2p, monkeypatch):
+    stub = StubUNet(ip2p.unet.config)
+    monkeypatch.setattr(ip2p, "unet", stub)
+    real_draw = ip2p._draw
+    drawn = {}
+
+    def spy(*args, **kwargs):
+        drawn["starts"], *rest = real_draw(*args, **kwargs)
+        return (drawn["starts"], *rest)
+
+    monkeypatch.setattr(ip2p, "_draw", spy)
+    ip2p.edit(images(6), images(6, seed=1), PROMPT, diffusion_steps=4, lower_bound=0.4, upper_bound=0.5)
+    starts = torch.tensor(drawn["starts"])
+    assert ((starts >= 400) & (starts <= 500)).all()
+    assert len(set(starts.tolist())) > 1  # drawn per edit, not per batch
+    # Each edit is noised to the first step of the DDIM schedule rescaled to its own start, and
+    # the UNet sees that schedule (three CFG branches per edit).
+    first = stub.seen_timesteps[0][:6]
+    assert torch.equal(first, torch.stack([ip2p._timesteps(int(t), 4)[0] for t in starts]))
+    assert (first <= starts).all()
+
+
+def test_condition_latents_are_encoded_once_per_original(ip2p):
+    originals = images(3, seed=7)
+    before = ip2p.condition_encodings
+    for _ in range(3):
+        ip2p.edit(images(3), originals, PROMPT, diffusion_steps=1, cond_keys=["a", "b", "c"])
+    assert ip2p.condition_encodings - before == 3
+    # Without keys the pixels identify the originals.
+    before = ip2p.condition_encodings
+    ip2p.edit(images(3), originals, PROMPT, diffusion_steps=1)
+    ip2p.edit(images(3), originals, PROMPT, diffusion_steps=1)
+    assert ip2p.condition_encodings - before == 3
+
+
+def test_prompt_is_encoded_once_and_re_encoded_when_it_changes(ip2p):
+    before = ip2p.prompt_encodings
+    ip2p.edit(images(1), images(1), "first instruction", diffusion_steps=1)
+    ip2p.edit(images(1), images(1), "first instruction", diffusion_steps=1)
+    assert ip2p.prompt_encodings - before == 1
+    ip2p.edit(images(1), images(1), "second instruction", diffusion_steps=1)
+    assert ip2p.prompt_encodings - before == 2
+
+
+def test_out_of_memory_halves_the_batch_and_retries(ip2p, monkeypatch):
+    real = ip2p._edit_batch
+    sizes = []
+
+    def limited(renders, *args, **kwargs):
+        sizes.append(renders.shape[0])
+        if renders.shape[0] > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(renders, *args, **kwargs)
+
+    monkeypatch.setattr(ip2p, "_edit_batch", limited)
+    monkeypatch.setattr(ip2p, "batch_size", None)
+    monkeypatch.setattr(ip2p, "max_batch_size", 8)
+    edited = ip2p.edit(images(5), images(5, seed=1), PROMPT, diffusion_steps=1, generator=generators(5))
+    assert edited.shape[0] == 5
+    assert sizes[:3] == [5, 2, 2] and sum(s for s in sizes if s <= 2) == 5
+    assert ip2p.batch_size == 2
+
+
+@pytest.mark.parametrize(
+    "renders, originals, message",
+    [
+        (torch.rand(3, 32, 32), torch.rand(3, 32, 32), r"\[B, 3, H, W\]"),
+        (torch.rand(1, 4, 32, 32), torch.rand(1, 4, 32, 32), r"\[B, 3, H, W\]"),
+        (torch.rand(1, 3, 32, 32) * 255, torch.rand(1, 3, 32, 32), r"\[0, 1\]"),
+        ((torch.rand(1, 3, 32, 32) * 255).to(torch.uint8), torch.rand(1, 3, 32, 32), "float"),
+        (torch.rand(1, 3, 32, 32), torch.rand(1, 3, 16, 16), "differ in shape"),
+    ],
+)
+def test_bad_inputs_raise_clear_value_errors(ip2p, renders, originals, message):
+    with pytest.raises(ValueError, match=message):
+        ip2p.edit(renders, originals, PROMPT)
+
+
+def test_empty_prompt_is_refused(ip2p):
+    with pytest.raises(ValueError, match="non-empty"):
+        ip2p.edit(images(1), images(1), "   ")
+
+
+def test_missing_local_folder_names_the_path_and_the_fix(tmp_path):
+    (tmp_path / "not-a-model").mkdir()
+    with pytest.raises(IP2PUnavailableError, match=r"not-a-model.*model_index.json.*--pipeline.ip2p-model"):
+        InstructPix2Pix.from_pretrained(str(tmp_path / "not-a-model"), device="cpu")
+
+
+def test_offline_hub_id_gives_one_clear_message(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
+    with pytest.raises(IP2PUnavailableError) as error:
+        InstructPix2Pix.from_pretrained("timbrooks/instruct-pix2pix", device="cpu")
+    message = str(error.value)
+    assert "timbrooks/instruct-pix2pix" in message and "--pipeline.ip2p-model" in message and "huggingface-cli download" in message
+
+
+@pytest.mark.gpu
+def test_sd15_shape_edits_on_cuda_in_half_precision(tmp_path):
+    from make_random_ip2p import make_random_ip2p
+
+    folder = make_random_ip2p(tmp_path / "sd15", shape="sd15", dtype=torch.float16)
+    editor = InstructPix2Pix.from_pretrained(str(folder), device="cuda", dtype=torch.float16)
+    renders = torch.rand(2, 3, 512, 512, device="cuda")
+    edited = editor.edit(renders, torch.rand(2, 3, 512, 512, device="cuda"), PROMPT, generator=generators(2))
+    assert edited.shape == renders.shape and edited.device.type == "cuda"
+    assert torch.isfinite(edited).all() and edited.min() >= 0 and edited.max() <= 1
