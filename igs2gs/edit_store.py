@@ -91,7 +91,7 @@ class EditStore:
         """All stored edits by view id, as uint8 [H, W, 3]."""
         edits = {}
         for path in sorted(self.edits_dir.glob("view_*.png")):
-            edits[int(path.stem.split("_")[1])] = np.asarray(Image.open(path).convert("RGB"))
+            edits[int(path.stem.split("_")[1])] = np.array(Image.open(path).convert("RGB"))
         return edits
 
     def save_state(self, state: SweepState) -> None:

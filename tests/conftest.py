@@ -21,7 +21,7 @@ from make_random_ip2p import make_random_ip2p  # noqa: E402
 from make_scene import make_scene  # noqa: E402
 
 SCENE_SIZE = 40  # px: the smallest that LPIPS's AlexNet accepts comfortably
-SCENE_VIEWS = 9  # nerfstudio holds out 10%: 8 training views
+SCENE_VIEWS = 10  # nerfstudio holds out one view in ten: 9 training views
 RECONSTRUCT_STEPS = 120
 
 

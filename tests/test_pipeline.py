@@ -1,0 +1,256 @@
+"""`ns-train igs2gs` end to end on the CPU: the splats change, every view is edited, nothing is lost."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import SCENE_VIEWS, igs2gs_args, make_scene, offline_env, run_cli
+from igs2gs.edit_store import EditStore
+
+TRAIN_VIEWS = SCENE_VIEWS - 1  # nerfstudio holds one view out
+GAUSSIANS = ["means", "scales", "quats", "features_dc", "features_rest", "opacities"]
+
+
+def latest_checkpoint(run: Path) -> Path:
+    return sorted((run / "nerfstudio_models").glob("step-*.ckpt"))[-1]
+
+
+def run_dir_of(output: Path) -> Path:
+    (run,) = list(output.glob("*/igs2gs/*"))
+    return run
+
+
+@pytest.fixture(scope="module")
+def private_ip2p(tiny_ip2p_dir, tmp_path_factory) -> Path:
+    """A copy of the tiny editor that the export test deletes, to prove exports never load it."""
+    return Path(shutil.copytree(tiny_ip2p_dir, tmp_path_factory.mktemp("private") / "ip2p"))
+
+
+@pytest.fixture(scope="module")
+def edited_run(scene_dir, splatfacto_run, private_ip2p, tmp_path_factory):
+    """Three sweeps (at 1, 6 and 11 steps after the load) in 12 steps."""
+    output = tmp_path_factory.mktemp("edited")
+    args = igs2gs_args(
+        scene_dir, splatfacto_run / "nerfstudio_models", private_ip2p, output,
+        "--pipeline.gs-steps", "5", "--max-num-iterations", "12", "--steps-per-save", "4",
+    )
+    result = run_cli(args, cwd=output)
+    return run_dir_of(output), result.stdout + result.stderr
+
+
+def test_every_view_is_edited_once_per_sweep(edited_run):
+    run, log = edited_run
+    state = json.loads((run / "igs2gs" / "state.json").read_text())
+    assert state["sweeps_completed"] == 3 and state["sweep_in_progress"] is None
+    assert re.findall(r"igs2gs sweep (\d): (\d+) views", log) == [("1", str(TRAIN_VIEWS)), ("2", str(TRAIN_VIEWS)), ("3", str(TRAIN_VIEWS))]
+    assert len(list((run / "igs2gs" / "edits").glob("view_*.png"))) == TRAIN_VIEWS
+    for sweep in range(3):
+        sheet = np.asarray(Image.open(run / "igs2gs" / "sheets" / f"sweep_{sweep:02d}.png"))
+        assert sheet.shape[1] == 3 * sheet.shape[0] // 4  # 4 rows of original | render | edit
+
+
+def test_gaussians_change_after_the_load(edited_run, splatfacto_run):
+    """Regression test for the stale-optimizer bug: the reference never moves the loaded splats."""
+    run, _ = edited_run
+    before = torch.load(latest_checkpoint(splatfacto_run), map_location="cpu", weights_only=False)["pipeline"]
+    after = torch.load(latest_checkpoint(run), map_location="cpu", weights_only=True)["pipeline"]
+    for name in GAUSSIANS:
+        key = f"_model.gauss_params.{name}"
+        assert before[key].shape == after[key].shape
+        if name != "features_rest":  # SH degree > 0 is not reached in a few steps
+            assert (before[key] - after[key]).abs().max() > 1e-5, name
+
+
+def test_checkpoints_hold_no_editor_weights_and_load_safely(edited_run):
+    run, _ = edited_run
+    state = torch.load(latest_checkpoint(run), map_location="cpu", weights_only=True)
+    assert not [key for key in state["pipeline"] if re.search(r"unet|vae|text_encoder|lpips", key)]
+    assert state["step"] == json.loads((run / "igs2gs" / "state.json").read_text())["edit_start_step"] + 12
+
+
+def test_export_works_without_the_editor(edited_run, private_ip2p, tmp_path):
+    run, _ = edited_run
+    shutil.rmtree(private_ip2p)  # an export that tried to load IP2P would now fail
+    run_cli(["ns-export", "gaussian-splat", "--load-config", str(run / "config.yml"), "--output-dir", str(tmp_path)], cwd=run.parents[3])
+    ply = tmp_path / "splat.ply"
+    assert ply.is_file() and ply.stat().st_size > 1000
+
+
+# --------------------------------------------------------------------------- in-process runs
+def make_trainer(scene: Path, load_dir: Path, ip2p: Path, output: Path, timestamp: str, **pipeline):
+    from igs2gs.config import igs2gs_method
+
+    config = copy.deepcopy(igs2gs_method.config)
+    config.pipeline.datamanager.data = scene
+    config.load_dir = load_dir
+    config.output_dir = output
+    config.timestamp = timestamp
+    config.machine.device_type = "cpu"
+    config.vis = "tensorboard"
+    config.pipeline.prompt = "make it look like a watercolour painting"
+    config.pipeline.ip2p_model = str(ip2p)
+    config.pipeline.diffusion_steps = 2
+    config.pipeline.ip2p_max_batch_size = 1
+    config.pipeline.model.lpips_pretrained_backbone = False
+    config.pipeline.model.stop_split_at = 0
+    for key, value in pipeline.items():
+        setattr(config.pipeline, key, value)
+    trainer = config.setup(local_rank=0, world_size=1)
+    trainer.setup()
+    return trainer
+
+
+def stored_equals_working_set(trainer, store: EditStore) -> int:
+    edits = store.load_edits()
+    for view, image in edits.items():
+        assert torch.equal(trainer.pipeline.datamanager.working_image(view).cpu(), torch.from_numpy(image)), view
+    return len(edits)
+
+
+def test_optimizers_act_on_the_loaded_gaussians(scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path):
+    trainer = make_trainer(scene_dir, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, "relink")
+    params = trainer.pipeline.model.gauss_params
+    for name in GAUSSIANS:
+        (optimised,) = trainer.optimizers.optimizers[name].param_groups[0]["params"]
+        assert optimised is params[name], name
+        assert trainer.optimizers.optimizers[name].state[optimised]["exp_avg"].shape == params[name].shape
+    # The position schedule restarts at the loaded step instead of sitting at splatfacto's floor.
+    assert trainer.optimizers.schedulers["means"].get_last_lr()[0] == pytest.approx(1.6e-4)
+
+
+def test_resume_after_an_interrupted_sweep_restores_edits_and_finishes_the_sweep(
+    scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path
+):
+    first = make_trainer(scene_dir, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, "first")
+    editor, calls = first.pipeline.editor, []
+    real_edit = editor.edit
+
+    def crash_on_third_batch(*args, **kwargs):
+        calls.append(kwargs["cond_keys"])
+        if len(calls) == 3:
+            raise KeyboardInterrupt("simulated kill mid-sweep")
+        return real_edit(*args, **kwargs)
+
+    editor.edit = crash_on_third_batch
+    with pytest.raises(KeyboardInterrupt):
+        first.pipeline.get_train_loss_dict(first._start_step)
+    store = first.pipeline.edit_store
+    state = store.load_state()
+    assert state.sweep_in_progress == 0 and state.views_done == [0, 1]
+    assert stored_equals_working_set(first, store) == 2
+
+    second = make_trainer(scene_dir, first.checkpoint_dir, tiny_ip2p_dir, tmp_path, "second")
+    assert stored_equals_working_set(second, second.pipeline.edit_store) == 2
+    assert second.pipeline.sweep_due(second._start_step) == 0
+    edited = []
+    real_second = second.pipeline.editor.edit
+    second.pipeline.editor.edit = lambda *a, **k: edited.extend(k["cond_keys"]) or real_second(*a, **k)
+    second.pipeline.run_sweep(second.pipeline.sweep_due(second._start_step), second._start_step)
+    assert edited == list(range(2, TRAIN_VIEWS))
+    assert stored_equals_working_set(second, second.pipeline.edit_store) == TRAIN_VIEWS
+    assert second.pipeline.edit_store.load_state().sweeps_completed == 1
+
+
+def test_kill_9_mid_sweep_then_resume_continues_the_sweep(scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path):
+    args = igs2gs_args(
+        scene_dir, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path / "killed",
+        "--pipeline.gs-steps", "5", "--max-num-iterations", "12", "--steps-per-save", "2",
+        "--pipeline.ip2p-max-batch-size", "1", "--pipeline.diffusion-steps", "30",
+    )
+    (tmp_path / "killed").mkdir()
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ns-train"), *args[1:]], cwd=tmp_path, env=offline_env(),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline, state = time.time() + 300, None
+    try:
+        while time.time() < deadline and process.poll() is None:
+            states = list((tmp_path / "killed").glob("*/igs2gs/*/igs2gs/state.json"))
+            if states:
+                try:
+                    state = json.loads(states[0].read_text())
+                except (json.JSONDecodeError, OSError):
+                    state = None
+                if state and state["sweep_in_progress"] == 1 and 2 <= len(state["views_done"]) < TRAIN_VIEWS:
+                    os.kill(process.pid, signal.SIGKILL)
+                    break
+            time.sleep(0.005)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+    assert state and state["sweep_in_progress"] == 1, f"never caught the run mid-sweep: {state}"
+    killed_run = run_dir_of(tmp_path / "killed")
+    done_before_kill = json.loads((killed_run / "igs2gs" / "state.json").read_text())["views_done"]
+
+    resumed = run_cli(
+        igs2gs_args(scene_dir, killed_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path / "resumed",
+                    "--pipeline.gs-steps", "5", "--max-num-iterations", "12", "--pipeline.ip2p-max-batch-size", "1"),
+        cwd=tmp_path,
+    )
+    log = resumed.stdout + resumed.stderr
+    assert f"Restored {TRAIN_VIEWS} edited views" in log and f"sweep 1 resumes after {len(done_before_kill)} views" in log
+    sweeps = re.findall(r"igs2gs sweep (\d): (\d+) views", log)
+    assert sweeps[0] == ("2", str(TRAIN_VIEWS - len(done_before_kill)))
+    final = json.loads((run_dir_of(tmp_path / "resumed") / "igs2gs" / "state.json").read_text())
+    assert final["sweeps_completed"] == 3
+    assert latest_checkpoint(run_dir_of(tmp_path / "resumed")).name == f"step-{final['edit_start_step'] + 12:09d}.ckpt"
+
+
+# --------------------------------------------------------------------------- errors
+def test_missing_load_dir_says_how_to_train_a_scene(scene_dir, tiny_ip2p_dir, tmp_path):
+    from igs2gs.trainer import CheckpointError
+
+    with pytest.raises(CheckpointError, match="ns-train splatfacto"):
+        make_trainer(scene_dir, None, tiny_ip2p_dir, tmp_path, "noload")
+
+
+def test_checkpoint_of_another_method_is_refused(scene_dir, tiny_ip2p_dir, tmp_path):
+    from igs2gs.trainer import CheckpointError
+
+    models = tmp_path / "nerfacto-run" / "nerfstudio_models"
+    models.mkdir(parents=True)
+    (models.parent / "config.yml").write_text("method_name: nerfacto\n")
+    torch.save({"step": 10, "pipeline": {"_model.field.mlp.weight": torch.zeros(2)}}, models / "step-000000010.ckpt")
+    with pytest.raises(CheckpointError, match="checkpoint of nerfacto"):
+        make_trainer(scene_dir, models, tiny_ip2p_dir, tmp_path, "foreign")
+
+
+def test_other_data_than_the_checkpoints_is_refused(splatfacto_run, tiny_ip2p_dir, tmp_path):
+    from igs2gs.trainer import CheckpointError
+
+    other = make_scene(tmp_path / "other", views=12, size=40, seed=5, points=300)
+    with pytest.raises(CheckpointError, match="does not match"):
+        make_trainer(other, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, "otherdata")
+
+
+def test_empty_prompt_is_refused_and_the_default_one_warns(scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path, capsys):
+    from igs2gs.pipeline import DEFAULT_PROMPT
+
+    with pytest.raises(ValueError, match="instruction is empty"):
+        make_trainer(scene_dir, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, "empty", prompt=" ")
+    make_trainer(scene_dir, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, "default", prompt=DEFAULT_PROMPT)
+    assert "asks for no change" in capsys.readouterr().out
+
+
+def test_unavailable_editor_fails_early_with_the_fix(scene_dir, splatfacto_run, tmp_path, monkeypatch):
+    from igs2gs.ip2p import IP2PUnavailableError
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(IP2PUnavailableError, match="--pipeline.ip2p-model"):
+        make_trainer(scene_dir, splatfacto_run / "nerfstudio_models", "timbrooks/instruct-pix2pix", tmp_path, "offline")
