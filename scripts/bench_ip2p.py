@@ -1,0 +1,140 @@
+"""Benchmark the IP2P editor on one GPU: reference-style configuration vs ours at several batch sizes.
+
+Reference-style = what the public Instruct-GS2GS does: batch 1, model CPU offload, attention
+slicing, the original image re-encoded for every edit. Ours = resident model, SDPA, cached
+prompt and conditioning latents, batched. All figures come from this one run; the model is the
+real SD-1.5/IP2P architecture with random weights (``make_random_ip2p.py --shape sd15``), so
+speed and memory are real and the pictures are noise.
+
+    python scripts/bench_ip2p.py [--model DIR] [--views 16] [--batch-sizes 1,4,8,16] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from igs2gs.ip2p import InstructPix2Pix  # noqa: E402
+
+PROMPT = "turn the horse into a giraffe"
+# Dense bf16 tensor-core peaks (TFLOP/s), by device name.
+BF16_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
+
+
+def bf16_peak(name: str) -> float:
+    for key in sorted(BF16_PEAK_TFLOPS, key=len, reverse=True):
+        if key in name:
+            return BF16_PEAK_TFLOPS[key]
+    return float("nan")
+
+
+def timed_edits(editor: InstructPix2Pix, renders: torch.Tensor, originals: torch.Tensor, steps: int, batch: int) -> float:
+    """Seconds to edit all views in chunks of ``batch`` (as a sweep does), synchronised."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for first in range(0, renders.shape[0], batch):
+        part = slice(first, first + batch)
+        editor.edit(
+            renders[part], originals[part], PROMPT, diffusion_steps=steps,
+            generator=[torch.Generator().manual_seed(i) for i in range(part.start, min(part.stop, renders.shape[0]))],
+            cond_keys=list(range(part.start, min(part.stop, renders.shape[0]))),
+        )
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def flops_per_edit(editor: InstructPix2Pix, size: int, steps: int, batch: int) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    renders = torch.rand(batch, 3, size, size, device="cuda")
+    counter = FlopCounterMode(display=False)
+    with counter:
+        editor.edit(renders, renders, PROMPT + " (flops)", diffusion_steps=steps, cond_keys=[("flops", i) for i in range(batch)])
+    return counter.get_total_flops() / batch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, help="IP2P folder (default: build a random sd15 one)")
+    parser.add_argument("--views", type=int, default=16)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch-sizes", default="1,4,8,16")
+    parser.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16")
+    parser.add_argument("--reference-views", type=int, default=4, help="views timed for the (slow) reference-style run")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_ip2p.py needs a CUDA GPU")
+    dtype = getattr(torch, args.dtype)
+    folder = args.model
+    if folder is None:
+        from make_random_ip2p import make_random_ip2p
+
+        folder = make_random_ip2p(Path(tempfile.mkdtemp()) / "sd15", shape="sd15", dtype=torch.float16)
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    renders = torch.rand(args.views, 3, args.size, args.size, device="cuda", generator=generator)
+    originals = torch.rand(args.views, 3, args.size, args.size, device="cuda", generator=generator)
+    device_name = torch.cuda.get_device_name(0)
+    results: Dict[str, object] = {"device": device_name, "size": args.size, "diffusion_steps": args.steps, "dtype": args.dtype}
+
+    # Reference-style: offload + slicing, batch 1, conditioning re-encoded every edit.
+    reference = InstructPix2Pix.from_pretrained(
+        str(folder), device="cuda", dtype=torch.float16, cpu_offload=True, attention_slicing=True,
+        max_batch_size=1, cache_conditioning=False,
+    )
+    timed_edits(reference, renders[:1], originals[:1], args.steps, 1)  # warm-up
+    torch.cuda.reset_peak_memory_stats()
+    count = min(args.reference_views, args.views)
+    reference_s = timed_edits(reference, renders[:count], originals[:count], args.steps, 1) / count
+    results["reference"] = {"s_per_edit": reference_s, "peak_gb": torch.cuda.max_memory_allocated() / 1e9}
+    del reference
+    torch.cuda.empty_cache()
+
+    torch.cuda.reset_peak_memory_stats()
+    ours = InstructPix2Pix.from_pretrained(str(folder), device="cuda", dtype=dtype)
+    weights_gb = torch.cuda.max_memory_allocated() / 1e9
+    flops = flops_per_edit(ours, args.size, args.steps, 1)
+    peak_tflops = bf16_peak(device_name)
+    rows: List[Dict[str, float]] = []
+    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+        ours.max_batch_size, ours.batch_size = batch, None
+        timed_edits(ours, renders[:batch], originals[:batch], args.steps, batch)  # warm-up (cudnn autotune)
+        torch.cuda.reset_peak_memory_stats()
+        seconds = timed_edits(ours, renders, originals, args.steps, batch) / args.views
+        achieved = flops / seconds / 1e12
+        rows.append(
+            {
+                "batch": batch,
+                "s_per_edit": seconds,
+                "speedup_vs_reference": reference_s / seconds,
+                "tflops": achieved,
+                "fraction_of_bf16_peak": achieved / peak_tflops,
+                "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
+            }
+        )
+    results.update({"ours": rows, "weights_gb": weights_gb, "tflop_per_edit": flops / 1e12, "bf16_peak_tflops": peak_tflops})
+
+    print(f"{device_name}: {args.size}x{args.size}, {args.steps} DDIM steps, model weights {weights_gb:.2f} GB, {flops / 1e12:.1f} TFLOP per edit")
+    print(f"reference-style (batch 1, offload, slicing, re-encoded conditioning): {reference_s:.3f} s/edit, peak {results['reference']['peak_gb']:.2f} GB")
+    print(f"{'batch':>5} {'s/edit':>8} {'speed-up':>9} {'TFLOP/s':>8} {'of peak':>8} {'peak GB':>8}")
+    for row in rows:
+        print(
+            f"{row['batch']:>5} {row['s_per_edit']:>8.3f} {row['speedup_vs_reference']:>8.1f}x {row['tflops']:>8.1f} "
+            f"{row['fraction_of_bf16_peak']:>7.1%} {row['peak_gb']:>8.2f}"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
