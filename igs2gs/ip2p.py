@@ -140,6 +140,7 @@ class InstructPix2Pix:
         self._prompt_embeddings: "OrderedDict[str, Tensor]" = OrderedDict()
         self._condition_latents: Dict[Hashable, Tensor] = {}
         self._schedules: Dict[Tuple[int, int], Tensor] = {}
+        self._alphas: Dict[torch.device, Tuple[Tensor, Tensor]] = {}  # on-device copies: no H2D copy per step
         self.prompt_encodings = 0
         self.condition_encodings = 0
 
@@ -174,6 +175,10 @@ class InstructPix2Pix:
             cpu_offload = False
         for module in (pipe.unet, pipe.vae, pipe.text_encoder):
             module.requires_grad_(False).eval()
+        if device.type == "cuda":
+            # NHWC convolutions run on tensor cores without layout transposes.
+            pipe.unet.to(memory_format=torch.channels_last)
+            pipe.vae.to(memory_format=torch.channels_last)
         return cls(pipe, device, max_batch_size, cache_conditioning, offloaded=cpu_offload)
 
     # ----------------------------------------------------------------------------------- caches
@@ -218,8 +223,13 @@ class InstructPix2Pix:
     def _ddim_step(self, noise_pred: Tensor, t: Tensor, prev_t: Tensor, latents: Tensor) -> Tensor:
         """DDIM (eta = 0) with a timestep per batch item; equals ``DDIMScheduler.step`` item by item."""
         config = self.scheduler.config
-        alphas = self.scheduler.alphas_cumprod.to(latents.device)
-        final = self.scheduler.final_alpha_cumprod.to(latents.device)
+        if latents.device not in self._alphas:
+            scheduler = self.scheduler
+            self._alphas[latents.device] = (
+                scheduler.alphas_cumprod.to(latents.device),
+                scheduler.final_alpha_cumprod.to(latents.device),
+            )
+        alphas, final = self._alphas[latents.device]
         alpha_t = alphas[t].view(-1, 1, 1, 1)
         alpha_prev = torch.where(prev_t >= 0, alphas[prev_t.clamp(min=0)], final).view(-1, 1, 1, 1)
         beta_t = 1 - alpha_t
