@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -86,6 +86,12 @@ class EditStore:
 
     def save_edit(self, view_id: int, image: np.ndarray) -> None:
         write_atomically(self.edit_path(view_id), png_bytes(image))
+
+    def save_edits(self, view_ids: Sequence[int], images: np.ndarray, state: SweepState) -> None:
+        """Store a batch of edits, then the progress that counts them as done."""
+        for view_id, image in zip(view_ids, images):
+            self.save_edit(view_id, image)
+        self.save_state(state)
 
     def load_edits(self) -> Dict[int, np.ndarray]:
         """All stored edits by view id, as uint8 [H, W, 3]."""

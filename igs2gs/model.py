@@ -86,8 +86,8 @@ class IGS2GSModelConfig(SplatfactoModelConfig):
     """Use torchvision's ImageNet weights for the LPIPS backbone (downloaded once). False: untrained backbone (offline tests)."""
     rasterizer: Literal["auto", "gsplat", "torch"] = "auto"
     """Rasterizer: gsplat's CUDA kernels, the dense pure-torch one (CPU, tiny scenes only), or auto by device."""
-    densify_from_load: bool = True
-    """Count the densification schedule (warmup, stop-split, opacity reset) from the loaded step, so an edit can grow and prune splats."""
+    densify_from_load: bool = False
+    """Densify and prune during the edit, counting splatfacto's schedule (warmup, stop-split) from the loaded step. Off by default: on noisy edits it can triple the splat count (stone_horse: 0.47M to 1.24M). Turn on for edits that change shape."""
     prompt: Optional[str] = None
     """Alias of --pipeline.prompt; ns-train's top-level --prompt sets this."""
     stop_split_at: int = 5000

@@ -9,7 +9,8 @@ the sweep progress, so an interrupted sweep resumes where it stopped.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Literal, Optional, Protocol, Sequence, Tuple, Type
 
 import numpy as np
@@ -90,13 +91,16 @@ def _seeded(seed: int, sweep: int, view: int) -> torch.Generator:
 
 
 def _size_groups(view_ids: Sequence[int], sizes: Sequence[Tuple[int, int]], limit: int) -> List[List[int]]:
-    """Consecutive runs of views with the same image size, at most ``limit`` long (one edit batch each)."""
-    groups: List[List[int]] = []
+    """Edit batches: views of one image size, at most ``limit`` per batch, batches of even length
+    (73 views by 8 make ten batches of 7-8, not nine of 8 and a slow one of 1)."""
+    by_size: Dict[Tuple[int, int], List[int]] = {}
     for view in view_ids:
-        if groups and len(groups[-1]) < limit and sizes[groups[-1][0]] == sizes[view]:
-            groups[-1].append(view)
-        else:
-            groups.append([view])
+        by_size.setdefault(tuple(sizes[view]), []).append(view)
+    groups: List[List[int]] = []
+    for views in by_size.values():
+        count = -(-len(views) // limit)
+        for index in range(count):
+            groups.append(views[index * len(views) // count : (index + 1) * len(views) // count])
     return groups
 
 
@@ -221,9 +225,12 @@ class IGS2GSPipeline(VanillaPipeline):
             TimeRemainingColumn(),
         )
         started = time.perf_counter()
-        try:
-            with Progress(*columns, console=CONSOLE, transient=False) as progress:
-                task = progress.add_task("sweep", total=len(originals_all), completed=len(state.views_done), rate=0.0)
+        # Edits are written (PNG + fsync + state) by one background thread, in order, while the
+        # next batch is edited; leaving this block, normally or not, waits for every write.
+        with ThreadPoolExecutor(max_workers=1) as persist, Progress(*columns, console=CONSOLE) as progress:
+            writes: List[Future] = []
+            task = progress.add_task("sweep", total=len(originals_all), completed=len(state.views_done), rate=0.0)
+            try:
                 for group in _size_groups(todo, sizes, batch):
                     t0 = time.perf_counter()
                     renders = self._render(group)
@@ -242,18 +249,20 @@ class IGS2GSPipeline(VanillaPipeline):
                     )
                     t2 = time.perf_counter()
                     stored = datamanager.replace(group, edits).cpu().numpy()
-                    for view, image in zip(group, stored):
-                        store.save_edit(view, image)
                     state.views_done.extend(group)
-                    store.save_state(state)
+                    writes.append(persist.submit(store.save_edits, group, stored, replace(state, views_done=list(state.views_done))))
                     timings["render_s"] += t1 - t0
                     timings["edit_s"] += t2 - t1
                     timings["swap_s"] += time.perf_counter() - t2
                     sheet_rows.extend(self._sheet_rows(group, renders, stored, len(sheet_rows)))
                     done = len(state.views_done)
                     progress.update(task, completed=done, rate=done / max(time.perf_counter() - started, 1e-9))
-        finally:
-            self.model.train(was_training)
+            finally:
+                self.model.train(was_training)
+            waited = time.perf_counter()
+            for write in writes:
+                write.result()  # re-raise a failed write here rather than lose it silently
+            timings["swap_s"] += time.perf_counter() - waited
         state.sweeps_completed, state.sweep_in_progress, state.views_done = sweep + 1, None, []
         store.save_state(state)
         timings["total_s"] = time.perf_counter() - started

@@ -3,25 +3,7 @@
 # Extra arguments go to pytest, e.g. `bash scripts/test.sh -m gpu` on a CUDA machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-
-if [ ! -x .venv/bin/python ]; then
-    "${PYTHON:-python3}" -m venv .venv
-fi
+bash scripts/install.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
-export PIP_DISABLE_PIP_VERSION_CHECK=1
-# torch first, pinned: on this project's machines these two are served from local disk, while an
-# unpinned torch (asked for by nerfstudio) would download gigabytes.
-python -c "import torch, torchvision" 2>/dev/null || python -m pip install -q torch==2.14.1 torchvision==0.29.1
-python -m pip install -q -e ".[test]"
-
-# nerfstudio reads sparse_pc.ply with open3d, whose wheel needs the system's libusb.
-if ! python -c "import open3d" 2>/dev/null; then
-    if command -v apt-get >/dev/null; then
-        SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-        $SUDO apt-get install -y -q libusb-1.0-0 >/dev/null 2>&1 || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q libusb-1.0-0 >/dev/null; }
-    fi
-    python -c "import open3d" || { echo "open3d does not import: install the libusb-1.0-0 system package" >&2; exit 1; }
-fi
-
 exec python -m pytest "$@"
