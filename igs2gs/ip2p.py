@@ -175,10 +175,6 @@ class InstructPix2Pix:
             cpu_offload = False
         for module in (pipe.unet, pipe.vae, pipe.text_encoder):
             module.requires_grad_(False).eval()
-        if device.type == "cuda":
-            # NHWC convolutions run on tensor cores without layout transposes.
-            pipe.unet.to(memory_format=torch.channels_last)
-            pipe.vae.to(memory_format=torch.channels_last)
         return cls(pipe, device, max_batch_size, cache_conditioning, offloaded=cpu_offload)
 
     # ----------------------------------------------------------------------------------- caches

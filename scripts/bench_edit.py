@@ -29,6 +29,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=7500)
     parser.add_argument("--gs-steps", type=int, default=2500)
     parser.add_argument("--prompt", default="turn the horse into a giraffe")
+    parser.add_argument("--lpips-loss-mult", type=float, default=1.0)
+    parser.add_argument("--vis", default="tensorboard", help="nerfstudio --vis (tensorboard runs eval images; viewer does not)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -40,7 +42,9 @@ def main() -> None:
     config.load_dir = args.load_dir
     config.output_dir = args.output_dir
     config.max_num_iterations = args.steps
-    config.vis = "tensorboard"
+    config.vis = args.vis
+    config.viewer.quit_on_train_completion = True
+    config.pipeline.model.lpips_loss_mult = args.lpips_loss_mult
     config.pipeline.prompt = args.prompt
     config.pipeline.gs_steps = args.gs_steps
     config.pipeline.ip2p_model = args.ip2p_model
