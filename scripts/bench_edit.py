@@ -49,6 +49,7 @@ def main() -> None:
     config.pipeline.gs_steps = args.gs_steps
     config.pipeline.ip2p_model = args.ip2p_model
     config.set_timestamp()
+    config.save_config()  # as ns-train does: creates the run folder
     trainer = config.setup(local_rank=0, world_size=1)
     trainer.setup()
     setup_s = time.perf_counter() - started
