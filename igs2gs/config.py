@@ -45,7 +45,7 @@ def _optimizers() -> dict:
 igs2gs_method = MethodSpecification(
     config=IGS2GSTrainerConfig(
         method_name="igs2gs",
-        steps_per_eval_image=100,
+        steps_per_eval_image=500,
         steps_per_eval_batch=0,
         steps_per_save=1000,
         steps_per_eval_all_images=100000,
