@@ -30,21 +30,11 @@ DEFAULT_IP2P_MODEL = "timbrooks/instruct-pix2pix"
 
 
 class Editor(Protocol):
-    """What the pipeline needs of an editor (InstructPix2Pix, or a benchmark's oracle)."""
+    """What the pipeline needs of an editor: ``InstructPix2Pix.edit``'s contract (renders and
+    originals float [B,3,H,W] in [0,1], the prompt, the edit settings, ``generator`` and
+    ``cond_keys`` by keyword; returns the edits, same shape)."""
 
-    def edit(
-        self,
-        renders: Tensor,
-        originals: Tensor,
-        prompt: str,
-        guidance_scale: float = 12.5,
-        image_guidance_scale: float = 1.5,
-        diffusion_steps: int = 20,
-        lower_bound: float = 0.70,
-        upper_bound: float = 0.98,
-        generator=None,
-        cond_keys: Optional[Sequence[int]] = None,
-    ) -> Tensor: ...
+    def edit(self, renders: Tensor, originals: Tensor, prompt: str, **settings) -> Tensor: ...
 
 
 @dataclass

@@ -91,7 +91,7 @@ def test_export_works_without_the_editor(edited_run, private_ip2p, tmp_path):
 
 
 # --------------------------------------------------------------------------- in-process runs
-def make_trainer(scene: Path, load_dir: Path, ip2p: Path, output: Path, timestamp: str, **pipeline):
+def make_trainer(scene: Path, load_dir: Path, ip2p: Path, output: Path, timestamp: str, model_prompt=None, **pipeline):
     from igs2gs.config import igs2gs_method
 
     config = copy.deepcopy(igs2gs_method.config)
@@ -107,6 +107,7 @@ def make_trainer(scene: Path, load_dir: Path, ip2p: Path, output: Path, timestam
     config.pipeline.ip2p_max_batch_size = 1
     config.pipeline.model.lpips_pretrained_backbone = False
     config.pipeline.model.stop_split_at = 0
+    config.pipeline.model.prompt = model_prompt  # where ns-train's top-level --prompt puts it
     for key, value in pipeline.items():
         setattr(config.pipeline, key, value)
     trainer = config.setup(local_rank=0, world_size=1)
@@ -247,6 +248,12 @@ def test_empty_prompt_is_refused_and_the_default_one_warns(scene_dir, splatfacto
     assert "asks for no change" in capsys.readouterr().out
 
 
+def test_top_level_prompt_alias_sets_the_instruction(scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path):
+    trainer = make_trainer(scene_dir, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, "alias", model_prompt="make it gold")
+    assert trainer.pipeline.prompt == "make it gold"
+    assert trainer.pipeline.edit_store.load_state().settings["prompt"] == "make it gold"
+
+
 def test_unavailable_editor_fails_early_with_the_fix(scene_dir, splatfacto_run, tmp_path, monkeypatch):
     from igs2gs.ip2p import IP2PUnavailableError
 
@@ -254,3 +261,14 @@ def test_unavailable_editor_fails_early_with_the_fix(scene_dir, splatfacto_run, 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(IP2PUnavailableError, match="--pipeline.ip2p-model"):
         make_trainer(scene_dir, splatfacto_run / "nerfstudio_models", "timbrooks/instruct-pix2pix", tmp_path, "offline")
+
+
+def test_edit_batches_are_even_and_never_mix_image_sizes():
+    from igs2gs.pipeline import _size_groups
+
+    groups = _size_groups(list(range(73)), [(512, 512)] * 73, 8)
+    assert len(groups) == 10 and {len(g) for g in groups} <= {7, 8}
+    assert sorted(v for g in groups for v in g) == list(range(73))
+    sizes = [(64, 64) if v % 3 else (32, 48) for v in range(10)]
+    for group in _size_groups(list(range(10)), sizes, 4):
+        assert len({sizes[v] for v in group}) == 1 and len(group) <= 4
