@@ -82,12 +82,20 @@ def test_checkpoints_hold_no_editor_weights_and_load_safely(edited_run):
     assert state["step"] == json.loads((run / "igs2gs" / "state.json").read_text())["edit_start_step"] + 12
 
 
-def test_export_works_without_the_editor(edited_run, private_ip2p, tmp_path):
+def test_export_and_render_work_without_the_editor(edited_run, private_ip2p, tmp_path):
     run, _ = edited_run
-    shutil.rmtree(private_ip2p)  # an export that tried to load IP2P would now fail
-    run_cli(["ns-export", "gaussian-splat", "--load-config", str(run / "config.yml"), "--output-dir", str(tmp_path)], cwd=run.parents[3])
+    shutil.rmtree(private_ip2p)  # an export or render that tried to load IP2P would now fail
+    workdir = run.parents[3]
+    run_cli(["ns-export", "gaussian-splat", "--load-config", str(run / "config.yml"), "--output-dir", str(tmp_path)], cwd=workdir)
     ply = tmp_path / "splat.ply"
     assert ply.is_file() and ply.stat().st_size > 1000
+    run_cli(
+        ["ns-render", "dataset", "--load-config", str(run / "config.yml"), "--output-path", str(tmp_path / "renders"),
+         "--split", "test", "--rendered-output-names", "rgb"],
+        cwd=workdir,
+    )
+    rendered = list((tmp_path / "renders").rglob("*.jpg")) + list((tmp_path / "renders").rglob("*.png"))
+    assert rendered and np.asarray(Image.open(rendered[0])).std() > 1
 
 
 # --------------------------------------------------------------------------- in-process runs
