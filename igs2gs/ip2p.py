@@ -10,7 +10,6 @@ transformers are imported only when a model is loaded, so the plugin's config st
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import re
 from collections import OrderedDict
@@ -122,7 +121,6 @@ class InstructPix2Pix:
         device: Union[str, torch.device],
         max_batch_size: Optional[int] = None,
         cache_conditioning: bool = True,
-        offloaded: bool = False,
     ) -> None:
         from diffusers import DDIMScheduler
 
@@ -135,7 +133,6 @@ class InstructPix2Pix:
         self.latent_scaling = float(self.vae.config.scaling_factor)
         self.max_batch_size = max_batch_size
         self.cache_conditioning = cache_conditioning
-        self.offloaded = offloaded
         self.batch_size: Optional[int] = None  # set when an out-of-memory error forced a smaller batch
         self._prompt_embeddings: "OrderedDict[str, Tensor]" = OrderedDict()
         self._condition_latents: Dict[Hashable, Tensor] = {}
@@ -172,10 +169,9 @@ class InstructPix2Pix:
             pipe.enable_model_cpu_offload(device=device)
         else:
             pipe.to(device)
-            cpu_offload = False
         for module in (pipe.unet, pipe.vae, pipe.text_encoder):
             module.requires_grad_(False).eval()
-        return cls(pipe, device, max_batch_size, cache_conditioning, offloaded=cpu_offload)
+        return cls(pipe, device, max_batch_size, cache_conditioning)
 
     # ----------------------------------------------------------------------------------- caches
     @torch.no_grad()
