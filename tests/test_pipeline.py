@@ -98,6 +98,39 @@ def test_export_and_render_work_without_the_editor(edited_run, private_ip2p, tmp
     assert rendered and np.asarray(Image.open(rendered[0])).std() > 1
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_viewer_serves_an_igs2gs_run_without_the_editor(edited_run, private_ip2p, tmp_path):
+    import socket
+
+    run, _ = edited_run
+    shutil.rmtree(private_ip2p, ignore_errors=True)
+    port = free_port()
+    viewer = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ns-viewer"), "--load-config", str(run / "config.yml"), "--viewer.websocket-port", str(port)],
+        cwd=run.parents[3], env=offline_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and viewer.poll() is None:
+            with socket.socket() as client:
+                if client.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.5)
+        assert viewer.poll() is None, viewer.stdout.read()[-3000:]
+        with socket.socket() as client:
+            assert client.connect_ex(("127.0.0.1", port)) == 0, "the viewer never listened"
+    finally:
+        viewer.kill()
+        viewer.wait()
+
+
 # --------------------------------------------------------------------------- in-process runs
 def make_trainer(scene: Path, load_dir: Path, ip2p: Path, output: Path, timestamp: str, model_prompt=None, **pipeline):
     from igs2gs.config import igs2gs_method
