@@ -21,6 +21,7 @@ from torch.cuda.amp.grad_scaler import GradScaler
 from igs2gs.datamanager import IGS2GSDataManagerConfig
 from igs2gs.edit_store import EditStore, SweepState
 from igs2gs.model import IGS2GSModelConfig
+from igs2gs.oracle import OracleEditor, OracleEditorConfig
 from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
 from nerfstudio.utils import writer
 from nerfstudio.utils.rich_utils import CONSOLE
@@ -60,6 +61,10 @@ class IGS2GSPipelineConfig(VanillaPipelineConfig):
     """Lowest noise level (fraction of the diffusion timesteps) a render is noised to before editing."""
     upper_bound: float = 0.98
     """Highest noise level (fraction of the diffusion timesteps) a render is noised to before editing."""
+    editor: Literal["ip2p", "oracle"] = "ip2p"
+    """Editor of the sweeps: InstructPix2Pix, or the oracle (a known colour edit of the photos, for benchmarks)."""
+    oracle: OracleEditorConfig = field(default_factory=OracleEditorConfig)
+    """Settings of the oracle editor."""
     ip2p_model: str = DEFAULT_IP2P_MODEL
     """InstructPix2Pix weights: a Hugging Face hub id or a local diffusers folder."""
     ip2p_device: Optional[str] = None
@@ -121,6 +126,9 @@ class IGS2GSPipeline(VanillaPipeline):
         from igs2gs.ip2p import InstructPix2Pix
 
         device = self.config.ip2p_device or str(self.device)
+        if self.config.editor == "oracle":
+            CONSOLE.log(f"Editing with the oracle ({self.config.oracle.transform}), not InstructPix2Pix")
+            return OracleEditor(self.config.oracle, device)
         CONSOLE.log(f"Loading InstructPix2Pix from {self.config.ip2p_model} onto {device}")
         return InstructPix2Pix.from_pretrained(
             self.config.ip2p_model,

@@ -26,6 +26,7 @@ SPHERES = (  # centre xyz, radius, base colour, stripe colour
 )
 GROUND_COLOURS = ((0.8, 0.78, 0.7), (0.35, 0.3, 0.28))
 GROUND_EXTENT = 2.5
+DOME_RADIUS = 6.0  # a sky sphere around everything, so every pixel shows geometry splats can fit
 LIGHT = np.array([0.4, -0.3, 0.85]) / np.linalg.norm([0.4, -0.3, 0.85])
 
 
@@ -45,13 +46,20 @@ def _shade(albedo: np.ndarray, normals: np.ndarray) -> np.ndarray:
     return albedo * (0.35 + 0.65 * np.clip(normals @ LIGHT, 0.0, 1.0))[:, None]
 
 
+def _sky(points: np.ndarray) -> np.ndarray:
+    """Colour of the sky dome at ``points`` (a gradient with height and a few bands)."""
+    up = np.clip(points[:, 2:3] / DOME_RADIUS, 0.0, 1.0)
+    bands = 0.08 * np.sin(np.arctan2(points[:, 1:2], points[:, 0:1]) * 6)
+    return np.clip(np.concatenate([0.45 + 0.3 * up + bands, 0.55 + 0.3 * up, 0.75 + 0.25 * up - bands], axis=1), 0, 1)
+
+
 def _trace(origins: np.ndarray, dirs: np.ndarray) -> np.ndarray:
-    """Colour of each ray: the nearest sphere or the ground, else a sky gradient."""
+    """Colour of each ray: the nearest sphere, the ground, else the sky dome."""
     n = len(dirs)
     best_t = np.full(n, np.inf)
-    colour = np.zeros((n, 3))
-    sky = 0.55 + 0.4 * np.clip(dirs[:, 2:3], 0.0, 1.0)
-    colour[:] = np.concatenate([sky * 0.75, sky * 0.85, sky], axis=1)
+    b = np.sum(origins * dirs, axis=1)
+    t_dome = -b + np.sqrt(np.maximum(b * b - (np.sum(origins * origins, axis=1) - DOME_RADIUS**2), 0.0))
+    colour = _sky(origins + dirs * t_dome[:, None])
     with np.errstate(divide="ignore", invalid="ignore"):
         t_ground = -origins[:, 2] / dirs[:, 2]
     hit_ground = (t_ground > 1e-4) & np.isfinite(t_ground)
@@ -123,10 +131,16 @@ def _surface_points(count: int, rng: np.random.Generator) -> Tuple[np.ndarray, n
     for index in range(len(SPHERES)):
         mask = which == index
         sphere_colours[mask] = _shade(_sphere_albedo(sphere_points[mask], index), normals[mask])
-    ground = np.concatenate([rng.uniform(-2.0, 2.0, (count - on_spheres, 2)), np.zeros((count - on_spheres, 1))], 1)
+    on_dome = count // 6
+    on_ground = count - on_spheres - on_dome
+    ground = np.concatenate([rng.uniform(-2.0, 2.0, (on_ground, 2)), np.zeros((on_ground, 1))], 1)
     ground_colours = _shade(_ground_albedo(ground), np.tile([0.0, 0.0, 1.0], (len(ground), 1)))
-    points = np.concatenate([sphere_points, ground]) + rng.normal(scale=0.005, size=(len(sphere_points) + len(ground), 3))
-    return points, np.concatenate([sphere_colours, ground_colours])
+    dome = rng.normal(size=(on_dome, 3))
+    dome[:, 2] = np.abs(dome[:, 2])  # the upper half; the ground hides most of the lower one
+    dome *= DOME_RADIUS / np.linalg.norm(dome, axis=1, keepdims=True)
+    points = np.concatenate([sphere_points, ground, dome])
+    points = points + rng.normal(scale=0.005, size=points.shape)
+    return points, np.concatenate([sphere_colours, ground_colours, _sky(dome)])
 
 
 def _write_ply(path: Path, points: np.ndarray, colours: np.ndarray) -> None:

@@ -36,11 +36,11 @@ def test_scene_loads_with_nerfstudio_dataparser_including_points(tmp_path):
     points, colours = outputs.metadata["points3D_xyz"], outputs.metadata["points3D_rgb"]
     assert points.shape == (500, 3) and colours.shape == (500, 3)
     assert colours.dtype == torch.uint8 and colours.float().std() > 10
-    # The points are in the cameras' frame: every camera (looking down -z) sees the scene in front of it.
-    assert points.abs().max() <= 1.0 + 1e-4
+    # The points are in the cameras' frame: every camera (looking down -z) has most of them in front
+    # (all but the sky dome behind it).
     c2w = outputs.cameras.camera_to_worlds
     in_camera = torch.einsum("cji,cnj->cni", c2w[:, :, :3], points[None] - c2w[:, None, :, 3])
-    assert ((in_camera[..., 2] < 0).float().mean(dim=1) > 0.9).all()
+    assert ((in_camera[..., 2] < 0).float().mean(dim=1) > 0.7).all()
 
 
 def test_scene_rejects_degenerate_sizes(tmp_path):
