@@ -22,7 +22,7 @@ from make_scene import make_scene  # noqa: E402
 
 SCENE_SIZE = 40  # px: the smallest that LPIPS's AlexNet accepts comfortably
 SCENE_VIEWS = 10  # nerfstudio holds out one view in ten: 9 training views
-RECONSTRUCT_STEPS = 120
+RECONSTRUCT_STEPS = 300
 
 
 def pytest_collection_modifyitems(config, items):

@@ -51,8 +51,8 @@ def test_oracle_edit_propagates_to_held_out_views(scene_dir, splatfacto_run, tin
         editor="oracle", oracle=OracleEditorConfig(transform="invert"), gs_steps=30,
     )
     trainer.config.max_num_iterations = 90
-    # A colour edit moves the SH DC term; splatfacto's rate (0.0025) needs ~1000 steps for a full
-    # channel swap, so this short CPU run uses a faster one.
+    # A colour edit moves the SH DC term; splatfacto's rate (0.0025) needs ~1000 steps for an
+    # inversion, so this short CPU run uses a faster one.
     for group in trainer.optimizers.optimizers["features_dc"].param_groups:
         group["lr"] = 0.05
     before = held_out_psnr(trainer)
@@ -60,6 +60,7 @@ def test_oracle_edit_propagates_to_held_out_views(scene_dir, splatfacto_run, tin
     after = held_out_psnr(trainer)
     print(f"held-out PSNR against the oracle: {before:.2f} dB before, {after:.2f} dB after")
     assert trainer.pipeline.sweep_state.sweeps_completed == 3
-    # Measured: 10.4 -> 13.4 dB. The ceiling is the 120-step CPU reconstruction itself (14.3 dB
-    # against its own held-out photo), which caps the rise below issue 5's 3 dB target for now.
+    # Measured 10.35 -> 13.44 dB (+3.09). Training uses random backgrounds, so the figure varies
+    # from run to run; 2.5 dB keeps the test stable until the tiny reconstruction (15 dB against
+    # its own held-out photo after 300-400 CPU steps) leaves more room.
     assert after - before >= 2.5
