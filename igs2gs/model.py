@@ -64,11 +64,16 @@ class DeferredLPIPSMetric(nn.Module):
         self.net_name, self.pretrained_backbone = net, pretrained_backbone
         self._network: Optional[nn.Module] = None
 
-    def forward(self, images: Tensor, targets: Tensor) -> Tensor:
+    def network(self, device: torch.device) -> nn.Module:
+        """The LPIPS network, built on first use (also serves the model's LPIPS loss)."""
         if self._network is None:
-            object.__setattr__(self, "_network", build_lpips(self.net_name, self.pretrained_backbone).to(images.device))
+            # A fixed network: set past nn.Module registration so it stays out of checkpoints.
+            object.__setattr__(self, "_network", build_lpips(self.net_name, self.pretrained_backbone).to(device))
         assert self._network is not None
-        return self._network(images, targets, normalize=True).mean()
+        return self._network
+
+    def forward(self, images: Tensor, targets: Tensor) -> Tensor:
+        return self.network(images.device)(images, targets, normalize=True).mean()
 
 
 @dataclass
@@ -117,7 +122,6 @@ class IGS2GSModel(SplatfactoModel):
             features = RGB2SH(colours) if self.config.sh_degree > 0 else torch.logit(colours, eps=1e-10)
             self.gauss_params["features_dc"].data.copy_(features)
         self.refine_origin = 0
-        self._lpips_loss: Optional[nn.Module] = None
 
     # ----------------------------------------------------------------------------- schedule
     def start_edit_at(self, step: int) -> None:
@@ -205,13 +209,6 @@ class IGS2GSModel(SplatfactoModel):
         return {"rgb": rgb.squeeze(0), "depth": depth, "accumulation": alpha.squeeze(0), "background": background}
 
     # ----------------------------------------------------------------------------- loss
-    def _lpips(self) -> nn.Module:
-        if self._lpips_loss is None:
-            network = build_lpips(self.config.lpips_net, self.config.lpips_pretrained_backbone).to(self.device)
-            object.__setattr__(self, "_lpips_loss", network)  # a fixed network: kept out of checkpoints
-        assert self._lpips_loss is not None
-        return self._lpips_loss
-
     def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, Tensor]:
         """L1 + LPIPS against the current training image (an edit once the first sweep ran)."""
         target = self.composite_with_background(self.get_gt_img(batch["image"]), outputs["background"])
@@ -222,7 +219,7 @@ class IGS2GSModel(SplatfactoModel):
         loss_dict = {"main_loss": self.config.l1_loss_mult * torch.abs(target - prediction).mean()}
         if self.config.lpips_loss_mult > 0:
             as_batch = lambda image: image.permute(2, 0, 1)[None].clamp(0, 1)  # noqa: E731
-            perceptual = self._lpips()(as_batch(prediction), as_batch(target), normalize=True).mean()
+            perceptual = self.lpips.network(self.device)(as_batch(prediction), as_batch(target), normalize=True).mean()
             loss_dict["lpips_loss"] = self.config.lpips_loss_mult * perceptual
         if self.training:
             self.camera_optimizer.get_loss_dict(loss_dict)

@@ -209,7 +209,8 @@ class IGS2GSPipeline(VanillaPipeline):
         store.save_state(state)
         originals_all = datamanager.original_images
         sizes = [tuple(image.shape[:2]) for image in originals_all]
-        todo = [view for view in range(len(originals_all)) if view not in set(state.views_done)]
+        done_before = set(state.views_done)
+        todo = [view for view in range(len(originals_all)) if view not in done_before]
         batch = self.config.ip2p_max_batch_size or 8
         timings = {"render_s": 0.0, "edit_s": 0.0, "swap_s": 0.0}
         sheet_rows: List[np.ndarray] = []
