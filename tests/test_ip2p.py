@@ -75,6 +75,19 @@ def test_batched_edits_equal_one_by_one_edits(ip2p):
     assert (shared_batched - shared_single).abs().max() < 1e-3
 
 
+def test_vae_chunking_does_not_change_the_edit(ip2p, monkeypatch):
+    renders, originals = images(5), images(5, seed=1)
+    monkeypatch.setattr(ip2p, "vae_batch_size", 16)
+    whole = ip2p.edit(renders, originals, PROMPT, diffusion_steps=2, generator=generators(5), cond_keys=list("abcde"))
+    monkeypatch.setattr(ip2p, "vae_batch_size", 2)
+    encoded = []
+    real_encode = ip2p.vae.encode
+    monkeypatch.setattr(ip2p.vae, "encode", lambda pixels: encoded.append(len(pixels)) or real_encode(pixels))
+    chunked = ip2p.edit(renders, originals, PROMPT, diffusion_steps=2, generator=generators(5), cond_keys=list("fghij"))
+    assert max(encoded) == 2 and sum(encoded) == 10  # renders and originals, two at a time
+    assert (whole - chunked).abs().max() < 1e-4, (whole - chunked).abs().max()
+
+
 def test_ddim_step_matches_diffusers_for_a_rescaled_schedule(ip2p):
     """The reference rescales the DDIM schedule to the drawn start timestep T; our per-item step must agree."""
     from diffusers import DDIMScheduler
@@ -100,16 +113,17 @@ class StubUNet(torch.nn.Module):
         self.dtype = torch.float32
         self.seen_timesteps = []
 
-    def forward(self, sample, timestep, encoder_hidden_states):
+    def forward(self, sample, timestep, encoder_hidden_states, return_dict=True):
         self.seen_timesteps.append(timestep.clone())
         third = sample.shape[0] // 3
         values = torch.tensor([1.0, 2.0, 3.0]).repeat_interleave(third).view(-1, 1, 1, 1)
-        return SimpleNamespace(sample=values.expand(-1, 4, *sample.shape[2:]).clone())
+        prediction = values.expand(-1, 4, *sample.shape[2:]).clone()
+        return SimpleNamespace(sample=prediction) if return_dict else (prediction,)
 
 
 def test_guidance_combines_the_three_branches_as_instruct_pix2pix_does(ip2p, monkeypatch):
     stub = StubUNet(ip2p.unet.config)
-    monkeypatch.setattr(ip2p, "unet", stub)
+    monkeypatch.setattr(ip2p, "_unet", stub)
     captured = {}
     real_step = ip2p._ddim_step
 
@@ -126,7 +140,7 @@ def test_guidance_combines_the_three_branches_as_instruct_pix2pix_does(ip2p, mon
 
 def test_start_timestep_is_drawn_within_the_bounds(ip2p, monkeypatch):
     stub = StubUNet(ip2p.unet.config)
-    monkeypatch.setattr(ip2p, "unet", stub)
+    monkeypatch.setattr(ip2p, "_unet", stub)
     real_draw = ip2p._draw
     drawn = {}
 

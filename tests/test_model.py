@@ -58,3 +58,21 @@ def test_model_renders_and_trains_on_cpu(scene_dir):
     rendered = model.get_outputs_for_camera(camera)
     assert rendered["rgb"].shape == (camera.height.item(), camera.width.item(), 3)
     assert rendered["depth"] is not None and rendered["accumulation"].max() > 0.5
+
+
+@pytest.mark.gpu
+def test_bf16_lpips_loss_and_gradient_agree_with_float32():
+    """What ``lpips_bf16`` does to the loss: same value and descent direction, within bf16 error."""
+    network = build_lpips("alex", pretrained_backbone=False).cuda()
+    target = torch.rand(1, 3, 256, 256, device="cuda")
+    prediction = (target + 0.2 * torch.randn_like(target)).clamp(0, 1).requires_grad_(True)
+    results = []
+    for half in (False, True):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=half):
+            loss = network(prediction, target, normalize=True).mean()
+        (gradient,) = torch.autograd.grad(loss.float(), prediction)
+        results.append((loss.float().item(), gradient))
+    (full, full_grad), (half, half_grad) = results
+    cosine = torch.nn.functional.cosine_similarity(full_grad.flatten(), half_grad.flatten(), dim=0).item()
+    print(f"LPIPS float32 {full:.5f} vs bf16 {half:.5f}; gradient cosine {cosine:.4f}")
+    assert half == pytest.approx(full, rel=0.03) and cosine > 0.98

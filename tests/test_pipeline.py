@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import re
@@ -19,6 +18,7 @@ import torch
 from PIL import Image
 
 from conftest import SCENE_VIEWS, igs2gs_args, make_scene, offline_env, run_cli
+from edit_run import edit_trainer
 from igs2gs.edit_store import EditStore
 
 TRAIN_VIEWS = SCENE_VIEWS - 1  # nerfstudio holds one view out
@@ -133,27 +133,16 @@ def test_viewer_serves_an_igs2gs_run_without_the_editor(edited_run, private_ip2p
 
 # --------------------------------------------------------------------------- in-process runs
 def make_trainer(scene: Path, load_dir: Path, ip2p: Path, output: Path, timestamp: str, model_prompt=None, **pipeline):
-    from igs2gs.config import igs2gs_method
-
-    config = copy.deepcopy(igs2gs_method.config)
-    config.pipeline.datamanager.data = scene
-    config.load_dir = load_dir
-    config.output_dir = output
-    config.timestamp = timestamp
-    config.machine.device_type = "cpu"
-    config.vis = "tensorboard"
-    config.pipeline.prompt = "make it look like a watercolour painting"
-    config.pipeline.ip2p_model = str(ip2p)
-    config.pipeline.diffusion_steps = 2
-    config.pipeline.ip2p_max_batch_size = 1
-    config.pipeline.model.lpips_pretrained_backbone = False
-    config.pipeline.model.stop_split_at = 0
-    config.pipeline.model.prompt = model_prompt  # where ns-train's top-level --prompt puts it
-    for key, value in pipeline.items():
-        setattr(config.pipeline, key, value)
-    trainer = config.setup(local_rank=0, world_size=1)
-    trainer.setup()
-    return trainer
+    """A CPU igs2gs trainer with the tiny editor; ``pipeline`` overrides pipeline config fields."""
+    settings = dict(
+        prompt="make it look like a watercolour painting",
+        ip2p_model=str(ip2p),
+        diffusion_steps=2,
+        ip2p_max_batch_size=1,
+    )
+    settings.update(pipeline)
+    model = dict(lpips_pretrained_backbone=False, stop_split_at=0, prompt=model_prompt)  # ns-train's --prompt sets model.prompt
+    return edit_trainer(scene, load_dir, output, device="cpu", timestamp=timestamp, model=model, **settings)
 
 
 def stored_equals_working_set(trainer, store: EditStore) -> int:
