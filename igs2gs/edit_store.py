@@ -65,6 +65,8 @@ class SweepState:
     """Views of the sweep in progress whose edits are already stored."""
     settings: Dict[str, object] = field(default_factory=dict)
     """Prompt and guidance in force (the latest, if changed while running)."""
+    last_sweep_step: int = -1
+    """Training step at which the latest sweep started (a scheduled sweep runs once per step even across resumes)."""
 
 
 class EditStore:

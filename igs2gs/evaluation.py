@@ -25,7 +25,9 @@ def eval_photo(datamanager, index: int) -> Tensor:
 @torch.no_grad()
 def held_out_renders(pipeline) -> List[Tensor]:
     """Renders [H, W, 3] of every eval view from the current splats (eval background)."""
-    model, cameras = pipeline.model, pipeline.datamanager.eval_dataset.cameras
+    datamanager, model = pipeline.datamanager, pipeline.model
+    datamanager.cached_eval  # caching undistorts the photos and updates the cameras' intrinsics and sizes
+    cameras = datamanager.eval_dataset.cameras
     was_training = model.training
     model.eval()
     try:

@@ -8,6 +8,9 @@ the sweep progress, so an interrupted sweep resumes where it stopped.
 
 from __future__ import annotations
 
+import contextlib
+import math
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -75,6 +78,8 @@ class IGS2GSPipelineConfig(VanillaPipelineConfig):
     """Keep the editor's sub-models on the CPU until used (for GPUs with little memory; much slower)."""
     ip2p_max_batch_size: Optional[int] = None
     """Most views edited at once; default: as many as free GPU memory allows (an out-of-memory error halves it)."""
+    ip2p_compile: bool = False
+    """Compile the editor's UNet with torch.compile (CUDA): faster edits after about a minute of compilation per batch shape, cached by torch between runs."""
     edit_seed: int = 0
     """Seed of the edit noise; each (sweep, view) gets its own stream, so a resumed sweep makes the same edits."""
     sheet_views: int = 4
@@ -119,8 +124,20 @@ class IGS2GSPipeline(VanillaPipeline):
         self.edit_store: Optional[EditStore] = None
         self.sweep_state: Optional[SweepState] = None
         self.sweep_timings: List[Dict[str, float]] = []
+        # Steering from the viewer: set by its panel's callbacks, applied by the training thread.
+        self.status = "waiting for the first sweep"
+        self.train_lock: Optional[threading.Lock] = None  # the viewer's; released while IP2P runs
+        self.editing_paused = False
+        self.edit_end_step: Optional[int] = None
+        self._requested_settings: Optional[Dict[str, object]] = None
+        self._sweep_requested = False
+        self._persist: Optional[ThreadPoolExecutor] = None
+        self._step_clock: Tuple[int, float, float] = (-1, 0.0, 0.0)  # last step, its time, seconds per step
         if test_mode == "val":  # training; the viewer, ns-render and ns-export never load the editor
+            from igs2gs.viewer_controls import EditControls
+
             self.editor = self._load_editor()
+            self.edit_controls = EditControls(self)
 
     def _load_editor(self) -> Editor:
         from igs2gs.ip2p import InstructPix2Pix
@@ -136,6 +153,7 @@ class IGS2GSPipeline(VanillaPipeline):
             dtype=torch.float32 if self.config.ip2p_use_full_precision else torch.float16,
             cpu_offload=self.config.ip2p_cpu_offload,
             max_batch_size=self.config.ip2p_max_batch_size,
+            compile_unet=self.config.ip2p_compile,
         )
 
     @property
@@ -162,6 +180,8 @@ class IGS2GSPipeline(VanillaPipeline):
             self.datamanager.replace_uint8({view: torch.from_numpy(image) for view, image in edits.items()})
             where = f", sweep {state.sweep_in_progress} resumes after {len(state.views_done)} views" if state.sweep_in_progress is not None else ""
             CONSOLE.log(f"Restored {len(edits)} edited views from {store.folder} ({state.sweeps_completed} sweeps done{where})")
+            if state.settings and state.settings != self.edit_settings():
+                self._apply_settings(state.settings, "as last set in the run being resumed")
         state.settings = self.edit_settings()
         self.edit_store, self.sweep_state = store, state
         store.save_state(state)
@@ -173,29 +193,115 @@ class IGS2GSPipeline(VanillaPipeline):
             "image_guidance_scale": self.config.image_guidance_scale,
         }
 
+    def _apply_settings(self, settings: Dict[str, object], why: str) -> None:
+        self.prompt = str(settings.get("prompt", self.prompt))
+        self.config.guidance_scale = float(settings.get("guidance_scale", self.config.guidance_scale))  # type: ignore[arg-type]
+        self.config.image_guidance_scale = float(settings.get("image_guidance_scale", self.config.image_guidance_scale))  # type: ignore[arg-type]
+        CONSOLE.log(
+            f"igs2gs: instruction {self.prompt!r}, guidance {self.config.guidance_scale}, "
+            f"image guidance {self.config.image_guidance_scale} ({why})"
+        )
+
+    # ------------------------------------------------------------------------- viewer requests
+    def request_settings(self, prompt: str, guidance_scale: float, image_guidance_scale: float) -> None:
+        """Ask for new edit settings from the next edit on (viewer thread; returns at once)."""
+        if not prompt.strip():
+            self.status = "an empty instruction was ignored"
+            return
+        self._requested_settings = {"prompt": prompt, "guidance_scale": guidance_scale, "image_guidance_scale": image_guidance_scale}
+
+    def request_sweep(self) -> None:
+        """Ask for a sweep of all views at the next training step (viewer thread; returns at once)."""
+        self._sweep_requested = True
+        self.status = "re-edit of all views requested"
+
+    def set_editing_paused(self, paused: bool) -> None:
+        """Hold sweeps back (a running sweep stops after its current batch and resumes later)."""
+        self.editing_paused = paused
+        self.status = "editing paused" if paused else "editing resumed"
+
+    def apply_viewer_requests(self) -> None:
+        """Apply settings asked for in the viewer (training thread): logged and recorded in the run."""
+        requested, self._requested_settings = self._requested_settings, None
+        if requested is None or requested == self.edit_settings():
+            return
+        self._apply_settings(requested, "set in the viewer")
+        if self.sweep_state is not None and self.edit_store is not None:
+            self.sweep_state.settings = self.edit_settings()
+            snapshot = replace(self.sweep_state, views_done=list(self.sweep_state.views_done))
+            if self._persist is not None:  # in a sweep: queue behind its edits so the file ends current
+                self._persist.submit(self.edit_store.save_state, snapshot)
+            else:
+                self.edit_store.save_state(snapshot)
+
+    def _update_status(self, step: int) -> None:
+        """Status between sweeps: sweeps done, time to the next one (at the measured step rate)."""
+        last_step, last_time, per_step = self._step_clock
+        now = time.perf_counter()
+        if step == last_step + 1:
+            per_step = (now - last_time) if per_step == 0 else 0.9 * per_step + 0.1 * (now - last_time)
+        self._step_clock = (step, now, per_step)
+        state = self.sweep_state
+        if state is None or step % 10:
+            return
+        if self.editing_paused:
+            self.status = f"editing paused · {state.sweeps_completed} of {self._planned_sweeps()} sweeps done"
+            return
+        steps_left = self.config.gs_steps - (step - state.edit_start_step - 1) % self.config.gs_steps
+        when = f"next sweep in {steps_left} steps (~{steps_left * per_step:.0f} s)"
+        if self.edit_end_step is not None and step + steps_left > self.edit_end_step:
+            when = "no sweep left"
+        self.status = f"sweep {state.sweeps_completed} of {self._planned_sweeps()} done · {when}"
+
+    def _planned_sweeps(self) -> int:
+        state = self.sweep_state
+        assert state is not None
+        if self.edit_end_step is None:
+            return state.sweeps_completed
+        return max(state.sweeps_completed, math.ceil((self.edit_end_step - state.edit_start_step) / self.config.gs_steps))
+
+    @contextlib.contextmanager
+    def _viewer_unlocked(self):
+        """Let the viewer draw while IP2P runs (the splats do not change during a sweep)."""
+        lock = self.train_lock
+        if lock is None or not lock.locked():
+            yield
+            return
+        lock.release()
+        try:
+            yield
+        finally:
+            lock.acquire()
+
     def sweep_due(self, step: int) -> Optional[int]:
         """Index of the sweep to run before training ``step``, if any."""
         state = self.sweep_state
-        if state is None or self.editor is None:
+        if state is None or self.editor is None or self.editing_paused:
             return None
         if state.sweep_in_progress is not None:
             return state.sweep_in_progress
+        if self._sweep_requested:
+            self._sweep_requested = False
+            return state.sweeps_completed
         since_start = step - state.edit_start_step - 1
-        if since_start >= 0 and since_start % self.config.gs_steps == 0 and state.sweeps_completed <= since_start // self.config.gs_steps:
+        if since_start >= 0 and since_start % self.config.gs_steps == 0 and state.last_sweep_step < step:
             return state.sweeps_completed
         return None
 
     # ------------------------------------------------------------------------- training
     def get_train_loss_dict(self, step: int):
+        self.apply_viewer_requests()
         sweep = self.sweep_due(step)
         if sweep is not None:
             self.run_sweep(sweep, step)
+        self._update_status(step)
         return super().get_train_loss_dict(step)
 
     @torch.no_grad()
     def _render(self, view_ids: Sequence[int]) -> Tensor:
         """Renders of ``view_ids`` from the current splats, float [B, 3, H, W], fixed background."""
         cameras = self.datamanager.train_dataset.cameras
+        self.model.eval()  # again each time: the viewer puts the model back in training mode after drawing
         renders = [self.model.get_outputs_for_camera(cameras[v : v + 1])["rgb"] for v in view_ids]
         return torch.stack(renders).permute(0, 3, 1, 2).clamp(0, 1)
 
@@ -205,6 +311,8 @@ class IGS2GSPipeline(VanillaPipeline):
 
         assert self.editor is not None and self.edit_store is not None and self.sweep_state is not None
         state, store, datamanager = self.sweep_state, self.edit_store, self.datamanager
+        if state.sweep_in_progress is None:
+            state.last_sweep_step = step
         state.sweep_in_progress = sweep
         store.save_state(state)
         originals_all = datamanager.original_images
@@ -226,26 +334,32 @@ class IGS2GSPipeline(VanillaPipeline):
         started = time.perf_counter()
         # Edits are written (PNG + fsync + state) by one background thread, in order, while the
         # next batch is edited; leaving this block, normally or not, waits for every write.
+        planned = max(sweep + 1, self._planned_sweeps())
         with ThreadPoolExecutor(max_workers=1) as persist, Progress(*columns, console=CONSOLE) as progress:
+            self._persist = persist
             writes: List[Future] = []
             task = progress.add_task("sweep", total=len(originals_all), completed=len(state.views_done), rate=0.0)
             try:
                 for group in _size_groups(todo, sizes, batch):
+                    self.apply_viewer_requests()
+                    if self.editing_paused:
+                        break
                     t0 = time.perf_counter()
                     renders = self._render(group)
                     t1 = time.perf_counter()
-                    edits = self.editor.edit(
-                        renders.to(self.editor_device),
-                        datamanager.originals(group, self.editor_device),
-                        self.prompt,
-                        guidance_scale=self.config.guidance_scale,
-                        image_guidance_scale=self.config.image_guidance_scale,
-                        diffusion_steps=self.config.diffusion_steps,
-                        lower_bound=self.config.lower_bound,
-                        upper_bound=self.config.upper_bound,
-                        generator=[_seeded(self.config.edit_seed, sweep, view) for view in group],
-                        cond_keys=list(group),
-                    )
+                    with self._viewer_unlocked():
+                        edits = self.editor.edit(
+                            renders.to(self.editor_device),
+                            datamanager.originals(group, self.editor_device),
+                            self.prompt,
+                            guidance_scale=self.config.guidance_scale,
+                            image_guidance_scale=self.config.image_guidance_scale,
+                            diffusion_steps=self.config.diffusion_steps,
+                            lower_bound=self.config.lower_bound,
+                            upper_bound=self.config.upper_bound,
+                            generator=[_seeded(self.config.edit_seed, sweep, view) for view in group],
+                            cond_keys=list(group),
+                        )
                     t2 = time.perf_counter()
                     stored = datamanager.replace(group, edits).cpu().numpy()
                     state.views_done.extend(group)
@@ -255,13 +369,19 @@ class IGS2GSPipeline(VanillaPipeline):
                     timings["swap_s"] += time.perf_counter() - t2
                     sheet_rows.extend(self._sheet_rows(group, renders, stored, len(sheet_rows)))
                     done = len(state.views_done)
-                    progress.update(task, completed=done, rate=done / max(time.perf_counter() - started, 1e-9))
+                    rate = (done - len(done_before)) / max(time.perf_counter() - started, 1e-9)
+                    progress.update(task, completed=done, rate=rate)
+                    self.status = f"sweep {sweep + 1} of {planned} · {done}/{len(originals_all)} views · {rate:.2f} edits/s"
             finally:
                 self.model.train(was_training)
+                self._persist = None
             waited = time.perf_counter()
             for write in writes:
                 write.result()  # re-raise a failed write here rather than lose it silently
             timings["swap_s"] += time.perf_counter() - waited
+        if len(state.views_done) < len(originals_all):  # paused from the viewer: resumes when unpaused
+            CONSOLE.log(f"igs2gs sweep {sweep + 1} paused after {len(state.views_done)} views")
+            return
         state.sweeps_completed, state.sweep_in_progress, state.views_done = sweep + 1, None, []
         store.save_state(state)
         timings["total_s"] = time.perf_counter() - started
@@ -273,8 +393,10 @@ class IGS2GSPipeline(VanillaPipeline):
             writer.put_image(name=f"igs2gs/before_after_sweep_{sweep:02d}", image=torch.from_numpy(sheet) / 255.0, step=step)
         CONSOLE.log(
             f"igs2gs sweep {sweep + 1}: {len(todo)} views in {timings['total_s']:.1f} s "
-            f"(render {timings['render_s']:.1f} s, edit {timings['edit_s']:.1f} s, store {timings['swap_s']:.1f} s)"
+            f"(render {timings['render_s']:.1f} s, edit {timings['edit_s']:.1f} s, store {timings['swap_s']:.1f} s), "
+            f"instruction {self.prompt!r}"
         )
+        self.status = f"sweep {sweep + 1} of {planned} done"
 
     def _sheet_rows(self, group: Sequence[int], renders: Tensor, stored: np.ndarray, have: int) -> List[np.ndarray]:
         """Rows of original | render | edit for the first ``sheet_views`` views of a sweep."""

@@ -170,6 +170,7 @@ class IGS2GSTrainer(Trainer):
         # The edit ends max_num_iterations after the step it started from, also across resumes.
         end_step = edit_start + self.config.max_num_iterations
         self.config.max_num_iterations = max(0, end_step - loaded_step)
+        self.pipeline.edit_end_step = end_step
         if not resuming:  # makes the run resumable from its first sweep on
             self.save_checkpoint(loaded_step)
         CONSOLE.print(

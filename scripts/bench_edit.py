@@ -4,7 +4,13 @@ Loads a splatfacto checkpoint, runs the default edit (3 sweeps, 7500 steps unles
 in this process and prints: model set-up, per-sweep render / IP2P / store seconds, splat
 training seconds and steps/s between sweeps, total wall time and peak GPU memory; JSON with
 ``--json``. With the random sd15 editor (``make_random_ip2p.py --shape sd15``) the timings are
-real and the edits are noise.
+real and the edits are noise; ``--train-on oracle`` times the sd15 editor on every view of every
+sweep but trains on the oracle editor's images, so the splats behave as in a real edit.
+
+In the same run, ``--reference-views K`` times K views of a reference-style sweep (one view at a
+time: render, edit at batch 1 with CPU offload, attention slicing and re-encoded conditioning,
+swap) and projects the reference-style total as set-up + 3 sweeps of that + the same splat
+training (which favours the reference: its LPIPS runs in float32).
 
     python scripts/bench_edit.py --data DATA --load-dir RUN/nerfstudio_models --ip2p-model DIR
 """
@@ -12,12 +18,51 @@ real and the edits are noise.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from edit_run import edit_trainer  # noqa: E402
+
+
+class ShadowEditor:
+    """Runs the timed editor on every view and returns the oracle's edits of the same views."""
+
+    def __init__(self, timed, oracle) -> None:
+        self.timed, self.oracle, self.device = timed, oracle, timed.device
+
+    def edit(self, renders, originals, prompt, **settings):
+        self.timed.edit(renders, originals, prompt, **settings)
+        return self.oracle.edit(renders, originals, prompt, **settings)
+
+
+def reference_s_per_view(pipeline, model: str, views: int) -> float:
+    """Seconds per view of a reference-style sweep: render, edit alone with offload, swap."""
+    from igs2gs.ip2p import InstructPix2Pix
+
+    editor = InstructPix2Pix.from_pretrained(
+        model, device="cuda", cpu_offload=True, attention_slicing=True, max_batch_size=1, cache_conditioning=False
+    )
+    datamanager = pipeline.datamanager
+
+    def one(view: int) -> None:
+        render = pipeline._render([view])
+        edit = editor.edit(render, datamanager.originals([view], "cuda"), pipeline.prompt, generator=torch.Generator().manual_seed(view))
+        datamanager.replace([view], edit)
+
+    pipeline.model.eval()
+    one(0)  # warm-up
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for view in range(views):
+        one(view)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - started) / views
 
 
 def main() -> None:
@@ -31,27 +76,23 @@ def main() -> None:
     parser.add_argument("--prompt", default="turn the horse into a giraffe")
     parser.add_argument("--lpips-loss-mult", type=float, default=1.0)
     parser.add_argument("--vis", default="tensorboard", help="nerfstudio --vis (tensorboard runs eval images; viewer does not)")
+    parser.add_argument("--train-on", choices=["ip2p", "oracle"], default="ip2p", help="oracle: train on oracle edits, time IP2P anyway")
+    parser.add_argument("--compile", action="store_true", help="--pipeline.ip2p-compile")
+    parser.add_argument("--lpips-fp32", action="store_true", help="LPIPS loss in float32 (as the reference)")
+    parser.add_argument("--reference-views", type=int, default=0, help="views of a reference-style sweep to time")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
-    from igs2gs.config import igs2gs_method
-
     started = time.perf_counter()
-    config = copy.deepcopy(igs2gs_method.config)
-    config.pipeline.datamanager.data = args.data
-    config.load_dir = args.load_dir
-    config.output_dir = args.output_dir
-    config.max_num_iterations = args.steps
-    config.vis = args.vis
-    config.viewer.quit_on_train_completion = True
-    config.pipeline.model.lpips_loss_mult = args.lpips_loss_mult
-    config.pipeline.prompt = args.prompt
-    config.pipeline.gs_steps = args.gs_steps
-    config.pipeline.ip2p_model = args.ip2p_model
-    config.set_timestamp()
-    config.save_config()  # as ns-train does: creates the run folder
-    trainer = config.setup(local_rank=0, world_size=1)
-    trainer.setup()
+    trainer = edit_trainer(
+        args.data, args.load_dir, args.output_dir, steps=args.steps, vis=args.vis,
+        model=dict(lpips_loss_mult=args.lpips_loss_mult, lpips_bf16=not args.lpips_fp32),
+        prompt=args.prompt, gs_steps=args.gs_steps, ip2p_model=args.ip2p_model, ip2p_compile=args.compile,
+    )
+    if args.train_on == "oracle":
+        from igs2gs.oracle import OracleEditor, OracleEditorConfig
+
+        trainer.pipeline.editor = ShadowEditor(trainer.pipeline.editor, OracleEditor(OracleEditorConfig(transform="invert"), "cuda"))
     setup_s = time.perf_counter() - started
     gaussians_at_load = trainer.pipeline.model.num_points
     torch.cuda.reset_peak_memory_stats()
@@ -78,7 +119,20 @@ def main() -> None:
         "steps_per_s_between_sweeps": steps_done / splat_s,
         "total_s": total_s,
         "peak_gpu_gb": torch.cuda.max_memory_allocated() / 1e9,
+        "trained_on": args.train_on,
+        "compiled_unet": args.compile,
     }
+    if args.reference_views:
+        per_view = reference_s_per_view(trainer.pipeline, args.ip2p_model, args.reference_views)
+        sweeps_run = len(sweeps)
+        reference_total = setup_s + sweeps_run * result["views"] * per_view + splat_s
+        result["reference_style"] = {
+            "s_per_view": per_view,
+            "views_timed": args.reference_views,
+            "projected_total_s": reference_total,
+            "speedup": reference_total / total_s,
+            "sweep_speedup": sweeps_run * result["views"] * per_view / sweep_s,
+        }
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

@@ -6,7 +6,10 @@ prompt and conditioning latents, batched. All figures come from this one run; th
 real SD-1.5/IP2P architecture with random weights (``make_random_ip2p.py --shape sd15``), so
 speed and memory are real and the pictures are noise.
 
-    python scripts/bench_ip2p.py [--model DIR] [--views 16] [--batch-sizes 1,4,8,16] [--json out.json]
+    python scripts/bench_ip2p.py [--model DIR] [--views 16] [--batch-sizes 1,4,8,16] [--compile-batch 8] [--json out.json]
+
+Also printed: the VAE's share of an edit (encode + decode, timed alone), bf16 at the
+``--compile-batch`` size, and the UNet under torch.compile at that size (compile time apart).
 """
 
 from __future__ import annotations
@@ -52,6 +55,19 @@ def timed_edits(editor: InstructPix2Pix, renders: torch.Tensor, originals: torch
     return time.perf_counter() - start
 
 
+def vae_seconds(editor: InstructPix2Pix, renders: torch.Tensor) -> float:
+    """Seconds per edit spent in the VAE: encoding the render and decoding the result."""
+    with torch.no_grad():
+        latents = torch.cat([p.mean for p in editor._encode(renders)]) * editor.latent_scaling
+        editor._decode(latents)  # warm-up
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        latents = torch.cat([p.mean for p in editor._encode(renders)]) * editor.latent_scaling
+        editor._decode(latents)
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / renders.shape[0]
+
+
 def flops_per_edit(editor: InstructPix2Pix, size: int, steps: int, batch: int) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -71,6 +87,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="1,4,8,16")
     parser.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16")
     parser.add_argument("--reference-views", type=int, default=4, help="views timed for the (slow) reference-style run")
+    parser.add_argument("--compile-batch", type=int, default=8, help="batch for the bf16 and torch.compile rows (0: skip them)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -123,6 +140,29 @@ def main() -> None:
             }
         )
     results.update({"ours": rows, "weights_gb": weights_gb, "tflop_per_edit": flops / 1e12, "bf16_peak_tflops": peak_tflops})
+    results["vae_s_per_edit"] = vae_seconds(ours, renders[: max(1, args.compile_batch)])
+
+    variants: List[Dict[str, float]] = []
+    if args.compile_batch:
+        batch = args.compile_batch
+        del ours
+        torch.cuda.empty_cache()
+        for name, kwargs in (("bfloat16", dict(dtype=torch.bfloat16)), ("compiled", dict(dtype=dtype, compile_unet=True))):
+            editor = InstructPix2Pix.from_pretrained(str(folder), device="cuda", max_batch_size=batch, **kwargs)
+            first = timed_edits(editor, renders[:batch], originals[:batch], args.steps, batch)  # compiles, if asked
+            timed_edits(editor, renders[:batch], originals[:batch], args.steps, batch)
+            torch.cuda.reset_peak_memory_stats()
+            seconds = timed_edits(editor, renders, originals, args.steps, batch) / args.views
+            variants.append(
+                {
+                    "variant": name, "batch": batch, "s_per_edit": seconds, "first_call_s": first,
+                    "speedup_vs_reference": reference_s / seconds, "tflops": flops / seconds / 1e12,
+                    "fraction_of_bf16_peak": flops / seconds / 1e12 / peak_tflops, "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
+                }
+            )
+            del editor
+            torch.cuda.empty_cache()
+    results["variants"] = variants
 
     print(f"{device_name}: {args.size}x{args.size}, {args.steps} DDIM steps, model weights {weights_gb:.2f} GB, {flops / 1e12:.1f} TFLOP per edit")
     print(f"reference-style (batch 1, offload, slicing, re-encoded conditioning): {reference_s:.3f} s/edit, peak {results['reference']['peak_gb']:.2f} GB")
@@ -131,6 +171,13 @@ def main() -> None:
         print(
             f"{row['batch']:>5} {row['s_per_edit']:>8.3f} {row['speedup_vs_reference']:>8.1f}x {row['tflops']:>8.1f} "
             f"{row['fraction_of_bf16_peak']:>7.1%} {row['peak_gb']:>8.2f}"
+        )
+    print(f"VAE (encode render + decode edit) alone: {results['vae_s_per_edit']:.4f} s/edit")
+    for row in variants:
+        print(
+            f"{row['variant']:>9} batch {row['batch']}: {row['s_per_edit']:.3f} s/edit ({row['speedup_vs_reference']:.1f}x), "
+            f"{row['tflops']:.1f} TFLOP/s = {row['fraction_of_bf16_peak']:.1%} of peak, peak {row['peak_gb']:.2f} GB, "
+            f"first call {row['first_call_s']:.1f} s"
         )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

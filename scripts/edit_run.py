@@ -13,7 +13,7 @@ from typing import Any, Dict, Optional
 
 def edit_trainer(
     data: Path,
-    load_dir: Path,
+    load_dir: Optional[Path],
     output_dir: Path,
     steps: Optional[int] = None,
     device: str = "cuda",
@@ -27,7 +27,7 @@ def edit_trainer(
 
     config = copy.deepcopy(igs2gs_method.config)
     config.pipeline.datamanager.data = Path(data)
-    config.load_dir = Path(load_dir)
+    config.load_dir = Path(load_dir) if load_dir is not None else None
     config.output_dir = Path(output_dir)
     config.machine.device_type = device
     config.vis = vis

@@ -78,12 +78,12 @@ def test_batched_edits_equal_one_by_one_edits(ip2p):
 def test_vae_chunking_does_not_change_the_edit(ip2p, monkeypatch):
     renders, originals = images(5), images(5, seed=1)
     monkeypatch.setattr(ip2p, "vae_batch_size", 16)
-    whole = ip2p.edit(renders, originals, PROMPT, diffusion_steps=2, generator=generators(5), cond_keys=list("abcde"))
+    whole = ip2p.edit(renders, originals, PROMPT, diffusion_steps=2, generator=generators(5), cond_keys=[("whole", i) for i in range(5)])
     monkeypatch.setattr(ip2p, "vae_batch_size", 2)
     encoded = []
     real_encode = ip2p.vae.encode
     monkeypatch.setattr(ip2p.vae, "encode", lambda pixels: encoded.append(len(pixels)) or real_encode(pixels))
-    chunked = ip2p.edit(renders, originals, PROMPT, diffusion_steps=2, generator=generators(5), cond_keys=list("fghij"))
+    chunked = ip2p.edit(renders, originals, PROMPT, diffusion_steps=2, generator=generators(5), cond_keys=[("chunked", i) for i in range(5)])
     assert max(encoded) == 2 and sum(encoded) == 10  # renders and originals, two at a time
     assert (whole - chunked).abs().max() < 1e-4, (whole - chunked).abs().max()
 

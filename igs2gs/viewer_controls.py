@@ -1,0 +1,120 @@
+"""The igs2gs panel of the Nerfstudio (viser) viewer: steer an edit while it trains.
+
+The panel only records what the user asked for (new instruction or guidance, a sweep now, pause);
+the training thread applies it at the next edit (see ``IGS2GSPipeline.apply_viewer_requests``),
+so no callback ever waits for a sweep. A daemon thread refreshes the status line and the
+training-image preview a few times a second.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+from nerfstudio.viewer.viewer_elements import ViewerControl
+
+if TYPE_CHECKING:
+    from igs2gs.pipeline import IGS2GSPipeline
+
+PREVIEW_MODES = ("hidden", "original photo", "edited image")
+PREVIEW_WIDTH = 320
+# nerfstudio's viewer draws the scene at this multiple of nerfstudio's world units.
+VISER_SCALE = 10.0
+
+
+def preview_markdown(image: torch.Tensor, caption: str) -> str:
+    """Markdown showing a [H, W, 3] image (uint8 or float) as an inline JPEG with a caption."""
+    pixels = image.detach().cpu()
+    if pixels.dtype != torch.uint8:
+        pixels = (pixels.float().clamp(0, 1) * 255).round().to(torch.uint8)
+    picture = Image.fromarray(np.ascontiguousarray(pixels.numpy()))
+    if picture.width > PREVIEW_WIDTH:
+        picture = picture.resize((PREVIEW_WIDTH, max(1, round(picture.height * PREVIEW_WIDTH / picture.width))))
+    buffer = io.BytesIO()
+    picture.save(buffer, format="JPEG", quality=85)
+    return f"{caption}\n\n![training image](data:image/jpeg;base64,{base64.b64encode(buffer.getvalue()).decode()})"
+
+
+class EditControls(ViewerControl):
+    """Instruction, guidance, re-edit now, pause editing, training-image preview and status."""
+
+    def __init__(self, pipeline: "IGS2GSPipeline") -> None:
+        self.pipeline = pipeline
+        self.handles: Dict[str, object] = {}
+        self._shown: Tuple[object, ...] = ()
+        self._stop = threading.Event()
+
+    def _setup(self, viewer) -> None:
+        super()._setup(viewer)
+        pipeline, gui = self.pipeline, self.viser_server.gui
+        pipeline.train_lock = getattr(viewer, "train_lock", None)
+        settings = pipeline.edit_settings()
+        with gui.add_folder("igs2gs edit"):
+            prompt = gui.add_text("Instruction", str(settings["prompt"]), hint="Used from the next edit on")
+            guidance = gui.add_number("Guidance scale", float(settings["guidance_scale"]), min=0.0, step=0.5)
+            image_guidance = gui.add_number("Image guidance", float(settings["image_guidance_scale"]), min=0.0, step=0.05)
+            sweep_now = gui.add_button("Re-edit all views now")
+            pause = gui.add_checkbox("Pause editing", False, hint="Sweeps wait (a running one stops after its batch)")
+            preview_mode = gui.add_dropdown("Training image", PREVIEW_MODES, initial_value=PREVIEW_MODES[0])
+            status = gui.add_text("Status", pipeline.status, disabled=True)
+            preview = gui.add_markdown("")
+
+        def settings_changed(_) -> None:
+            pipeline.request_settings(prompt.value, float(guidance.value), float(image_guidance.value))
+
+        prompt.on_update(settings_changed)
+        guidance.on_update(settings_changed)
+        image_guidance.on_update(settings_changed)
+        sweep_now.on_click(lambda _: pipeline.request_sweep())
+        pause.on_update(lambda _: pipeline.set_editing_paused(bool(pause.value)))
+        self.handles = dict(prompt=prompt, guidance=guidance, image_guidance=image_guidance, sweep_now=sweep_now,
+                            pause=pause, preview_mode=preview_mode, status=status, preview=preview)
+        threading.Thread(target=self._refresh_forever, name="igs2gs-viewer-panel", daemon=True).start()
+
+    # ------------------------------------------------------------------------ refreshing
+    def _refresh_forever(self) -> None:
+        while not self._stop.wait(0.25):
+            try:
+                self.refresh()
+            except Exception:  # noqa: BLE001 - a closed viewer or a dropped client must not end training
+                continue
+
+    def refresh(self) -> None:
+        """Push the status line and the preview to the viewer when they changed."""
+        status = self.handles["status"]
+        if status.value != self.pipeline.status:
+            status.value = self.pipeline.status
+        mode = self.handles["preview_mode"].value
+        view = self.nearest_view() if mode != PREVIEW_MODES[0] else None
+        datamanager = self.pipeline.datamanager
+        image = None
+        if view is not None:
+            image = datamanager.original_images[view] if mode == PREVIEW_MODES[1] else datamanager.working_image(view)
+        shown = (mode, view, id(image))
+        if shown == self._shown:
+            return
+        self._shown = shown
+        if image is None:
+            self.handles["preview"].content = ""
+            return
+        name = datamanager.image_names[view]
+        self.handles["preview"].content = preview_markdown(image[..., :3], f"**{mode}** of training view {view} ({name}), nearest to the viewer camera")
+
+    def nearest_view(self) -> Optional[int]:
+        """Training view whose camera is nearest to the first connected client's camera."""
+        clients = list(self.viser_server.get_clients().values())
+        if not clients:
+            return None
+        position = torch.tensor(np.asarray(clients[0].camera.position), dtype=torch.float32) / VISER_SCALE
+        centres = self.pipeline.datamanager.train_dataset.cameras.camera_to_worlds[:, :3, 3].float().cpu()
+        return int(torch.linalg.norm(centres - position, dim=1).argmin())
+
+    def close(self) -> None:
+        self._stop.set()
+

@@ -1,0 +1,175 @@
+"""Steering an edit from the viewer: the pipeline's request handling, and the panel in a real browser."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import igs2gs_args, offline_env
+from igs2gs.edit_store import EditStore
+from igs2gs.viewer_controls import VISER_SCALE, EditControls, preview_markdown
+from test_pipeline import free_port, make_trainer
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--disable-quic",
+]
+
+
+def step_pipeline(trainer, step: int) -> None:
+    """One pipeline step as the trainer makes it (its pre-iteration callbacks, then the loss), without the optimizer."""
+    from nerfstudio.engine.callbacks import TrainingCallbackLocation
+
+    for callback in trainer.callbacks:
+        callback.run_callback_at_location(step, location=TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
+    trainer.pipeline.get_train_loss_dict(step)
+
+
+def test_viewer_requests_apply_at_the_next_edit_and_are_recorded(scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path):
+    trainer = make_trainer(scene_dir, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, "steer", gs_steps=5)
+    pipeline, start = trainer.pipeline, trainer._start_step
+    editor = pipeline.editor
+    prompts = []
+    real_edit = editor.edit
+    editor.edit = lambda renders, originals, prompt, **settings: prompts.append(prompt) or real_edit(renders, originals, prompt, **settings)
+    store = EditStore(trainer.base_dir / "igs2gs")
+
+    step_pipeline(trainer, start)  # the scheduled first sweep
+    first_prompt, views = prompts[0], len(prompts)
+    encodings = editor.prompt_encodings
+    pipeline.request_settings("make it bronze", 7.0, 1.25)
+    pipeline.request_sweep()
+    step_pipeline(trainer, start + 1)
+    assert prompts[:views] == [first_prompt] * views and prompts[views:] == ["make it bronze"] * views
+    assert editor.prompt_encodings == encodings + 1  # encoded once for the whole sweep
+    state = store.load_state()
+    assert state.sweeps_completed == 2
+    assert state.settings == {"prompt": "make it bronze", "guidance_scale": 7.0, "image_guidance_scale": 1.25}
+
+    pipeline.set_editing_paused(True)
+    pipeline.request_sweep()
+    step_pipeline(trainer, start + 2)
+    assert store.load_state().sweeps_completed == 2  # held back while paused
+    pipeline.set_editing_paused(False)
+    step_pipeline(trainer, start + 3)
+    assert store.load_state().sweeps_completed == 3  # the request survives the pause
+    step_pipeline(trainer, start + 5)
+    assert store.load_state().sweeps_completed == 4  # the schedule still runs after extra sweeps
+    pipeline.request_settings("   ", 1.0, 1.0)
+    step_pipeline(trainer, start + 6)
+    assert pipeline.prompt == "make it bronze"
+
+
+def test_resume_uses_the_settings_last_set_in_the_viewer(scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path):
+    trainer = make_trainer(scene_dir, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, "first", gs_steps=5)
+    trainer.pipeline.request_settings("make it glass", 9.0, 1.5)
+    step_pipeline(trainer, trainer._start_step)
+    trainer.save_checkpoint(trainer._start_step)
+    resumed = make_trainer(scene_dir, trainer.checkpoint_dir, tiny_ip2p_dir, tmp_path, "second", gs_steps=5)
+    assert resumed.pipeline.prompt == "make it glass" and resumed.pipeline.config.guidance_scale == 9.0
+
+
+def test_preview_is_an_inline_jpeg_of_the_training_image():
+    image = torch.zeros(60, 800, 3, dtype=torch.uint8)
+    image[..., 0] = 255
+    markdown = preview_markdown(image, "caption")
+    encoded = markdown.split("base64,", 1)[1].rstrip(")")
+    picture = Image.open(io.BytesIO(base64.b64decode(encoded)))
+    assert markdown.startswith("caption") and picture.size == (320, 24)
+    assert picture.getpixel((10, 10))[0] > 240 and picture.getpixel((10, 10))[1] < 15
+
+
+def test_nearest_view_follows_the_viewer_camera():
+    centres = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])
+    camera_to_worlds = torch.eye(4)[:3].repeat(3, 1, 1)
+    camera_to_worlds[:, :, 3] = centres
+    datamanager = SimpleNamespace(train_dataset=SimpleNamespace(cameras=SimpleNamespace(camera_to_worlds=camera_to_worlds)))
+    controls = EditControls(SimpleNamespace(datamanager=datamanager))
+    client = SimpleNamespace(camera=SimpleNamespace(position=(0.0, 1.8 * VISER_SCALE, 0.1)))
+    controls.viser_server = SimpleNamespace(get_clients=lambda: {0: client})
+    assert controls.nearest_view() == 2
+    client.camera.position = (0.9 * VISER_SCALE, 0.0, 0.0)
+    assert controls.nearest_view() == 1
+    controls.viser_server = SimpleNamespace(get_clients=dict)
+    assert controls.nearest_view() is None
+
+
+def _wait(condition, timeout: float, what: str, log: Path) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}; log tail:\n{log.read_text()[-3000:] if log.exists() else ''}")
+
+
+@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("CI"), reason="needs Debian's chromium (.ci/run installs it)")
+def test_viewer_panel_steers_the_edit_in_a_real_browser(scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    assert CHROMIUM is not None, "chromium is missing: .ci/run installs Debian's chromium package"
+    port, output, log = free_port(), tmp_path / "out", tmp_path / "train.log"
+    args = igs2gs_args(
+        scene_dir, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, output,
+        "--vis", "viewer", "--viewer.websocket-port", str(port), "--viewer.quit-on-train-completion", "False",
+        "--max-num-iterations", "100000", "--pipeline.gs-steps", "100000",
+    )
+    with open(log, "w") as sink:
+        process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "ns-train"), *args[1:]], cwd=tmp_path, env=offline_env(COLUMNS="400"),
+            stdout=sink, stderr=subprocess.STDOUT,
+        )
+    try:
+        def state():
+            found = list(output.glob("*/igs2gs/*/igs2gs/state.json"))
+            try:
+                return json.loads(found[0].read_text()) if found else None
+            except (json.JSONDecodeError, OSError):
+                return None
+
+        _wait(lambda: (state() or {}).get("sweeps_completed") == 1, 300, "the first sweep", log)
+        with socket.socket() as client:
+            assert client.connect_ex(("127.0.0.1", port)) == 0, "viewer port is not open"
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch_persistent_context(  # a fresh --user-data-dir
+                str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS,
+                viewport={"width": 1400, "height": 1000},
+            )
+            page = browser.new_page()
+            page.goto(f"http://127.0.0.1:{port}")
+            page.get_by_text("igs2gs edit").first.wait_for(timeout=120_000)
+            status = page.locator("input:visible[value^='sweep']").first
+            status.wait_for(timeout=60_000)
+            before = status.input_value()
+            assert before.startswith("sweep 1 of 1 done"), before
+            instruction = page.locator("input:visible[value='make it look like a watercolour painting']").first
+            instruction.fill("make it look like a bronze statue")
+            page.keyboard.press("Enter")
+            _wait(lambda: "set in the viewer" in log.read_text(), 60, "the new instruction to reach training", log)
+            page.get_by_role("button", name="Re-edit all views now").click()
+            _wait(lambda: (state() or {}).get("sweeps_completed") == 2, 300, "the requested sweep", log)
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('input')].some(i => i.value.startsWith('sweep 2 of 2'))", timeout=30_000
+            )
+            page.screenshot(path=str(tmp_path / "viewer.png"))
+            browser.close()
+        assert state()["settings"]["prompt"] == "make it look like a bronze statue"
+        assert "bronze statue" in log.read_text().split("igs2gs sweep 2:", 1)[1][:400]  # the sweep's log line
+        assert (tmp_path / "viewer.png").stat().st_size > 10_000
+    finally:
+        process.kill()
+        process.wait(timeout=30)
