@@ -262,7 +262,10 @@ class IGS2GSPipeline(VanillaPipeline):
 
     @contextlib.contextmanager
     def _viewer_unlocked(self):
-        """Let the viewer draw while IP2P runs (the splats do not change during a sweep)."""
+        """Let the viewer draw while IP2P runs (the splats do not change during a sweep).
+
+        nerfstudio's trainer holds ``train_lock`` around every training iteration, so a sweep (run
+        from ``get_train_loss_dict``) always runs with the lock held by this thread."""
         lock = self.train_lock
         if lock is None or not lock.locked():
             yield
