@@ -12,7 +12,7 @@ import contextlib
 import math
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Literal, Optional, Protocol, Sequence, Tuple, Type
 
@@ -23,10 +23,11 @@ from torch.cuda.amp.grad_scaler import GradScaler
 
 from igs2gs.datamanager import IGS2GSDataManagerConfig
 from igs2gs.edit_store import EditStore, SweepState
+from igs2gs.edit_workers import EditJob, EditResult, EditWorkers
 from igs2gs.model import IGS2GSModelConfig
 from igs2gs.oracle import OracleEditor, OracleEditorConfig
+from igs2gs.sweep import Sweep
 from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
-from nerfstudio.utils import writer
 from nerfstudio.utils.rich_utils import CONSOLE
 
 DEFAULT_PROMPT = "don't change the image"
@@ -72,6 +73,10 @@ class IGS2GSPipelineConfig(VanillaPipelineConfig):
     """InstructPix2Pix weights: a Hugging Face hub id or a local diffusers folder."""
     ip2p_device: Optional[str] = None
     """Device of the editor (e.g. cuda:1); default: the training device."""
+    ip2p_devices: Optional[str] = None
+    """Several editor devices, comma-separated (e.g. cuda:1,cuda:2): one editor replica on each, a sweep's batches shared among them (overrides ip2p-device)."""
+    overlap_edits: bool = False
+    """Keep training while a sweep's edits are made (own thread and CUDA stream per editor); each edit is swapped in as it finishes. Default: training waits for the sweep, as in Instruct-GS2GS."""
     ip2p_use_full_precision: bool = False
     """Run the editor in float32 instead of float16 (twice the memory, slower)."""
     ip2p_cpu_offload: bool = False
@@ -132,17 +137,23 @@ class IGS2GSPipeline(VanillaPipeline):
         self._requested_settings: Optional[Dict[str, object]] = None
         self._sweep_requested = False
         self._persist: Optional[ThreadPoolExecutor] = None
+        self.editors: List[Editor] = []
+        self.edit_workers: Optional[EditWorkers] = None
+        self._sweep_in_flight: Optional[Sweep] = None
         self._step_clock: Tuple[int, float, float] = (-1, 0.0, 0.0)  # last step, its time, seconds per step
         if test_mode == "val":  # training; the viewer, ns-render and ns-export never load the editor
             from igs2gs.viewer_controls import EditControls
 
-            self.editor = self._load_editor()
+            devices = [d.strip() for d in (config.ip2p_devices or config.ip2p_device or str(self.device)).split(",") if d.strip()]
+            self.editors = [self._load_editor(device) for device in devices]
+            self.editor = self.editors[0]
+            if len(self.editors) > 1 or config.overlap_edits:
+                self.edit_workers = EditWorkers(self.editors, lambda: (self.prompt, self._edit_kwargs()))
             self.edit_controls = EditControls(self)
 
-    def _load_editor(self) -> Editor:
+    def _load_editor(self, device: str) -> Editor:
         from igs2gs.ip2p import InstructPix2Pix
 
-        device = self.config.ip2p_device or str(self.device)
         if self.config.editor == "oracle":
             CONSOLE.log(f"Editing with the oracle ({self.config.oracle.transform}), not InstructPix2Pix")
             return OracleEditor(self.config.oracle, device)
@@ -279,7 +290,7 @@ class IGS2GSPipeline(VanillaPipeline):
     def sweep_due(self, step: int) -> Optional[int]:
         """Index of the sweep to run before training ``step``, if any."""
         state = self.sweep_state
-        if state is None or self.editor is None or self.editing_paused:
+        if state is None or self.editor is None or self.editing_paused or self._sweep_in_flight is not None:
             return None
         if state.sweep_in_progress is not None:
             return state.sweep_in_progress
@@ -293,6 +304,7 @@ class IGS2GSPipeline(VanillaPipeline):
 
     # ------------------------------------------------------------------------- training
     def get_train_loss_dict(self, step: int):
+        self.collect_edits()
         self.apply_viewer_requests()
         sweep = self.sweep_due(step)
         if sweep is not None:
@@ -310,96 +322,110 @@ class IGS2GSPipeline(VanillaPipeline):
 
     def run_sweep(self, sweep: int, step: int) -> None:
         """Render, edit and swap in every training view not yet edited in this sweep."""
+        assert self.editor is not None and self.edit_store is not None and self.sweep_state is not None
+        current = Sweep(self, sweep, step, self._persist_thread())
+        sizes = [tuple(image.shape[:2]) for image in self.datamanager.original_images]
+        groups = _size_groups(current.todo, sizes, self.config.ip2p_max_batch_size or 8)
+        was_training = self.model.training
+        try:
+            if self.edit_workers is None:
+                self._edit_in_turn(current, groups)
+            elif self.config.overlap_edits:
+                for group in groups:
+                    self._submit(current, group)
+                self._sweep_in_flight = current  # training goes on; collect_edits swaps edits in as they finish
+                return
+            else:
+                self._edit_on_replicas(current, groups)
+        finally:
+            self.model.train(was_training)
+        current.close()
+
+    def _edit_in_turn(self, current: Sweep, groups: List[List[int]]) -> None:
+        """One editor, training waiting (the reference's behaviour): render a batch, edit it, store it."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        assert self.editor is not None and self.edit_store is not None and self.sweep_state is not None
-        state, store, datamanager = self.sweep_state, self.edit_store, self.datamanager
-        if state.sweep_in_progress is None:
-            state.last_sweep_step = step
-        state.sweep_in_progress = sweep
-        store.save_state(state)
-        originals_all = datamanager.original_images
-        sizes = [tuple(image.shape[:2]) for image in originals_all]
-        done_before = set(state.views_done)
-        todo = [view for view in range(len(originals_all)) if view not in done_before]
-        batch = self.config.ip2p_max_batch_size or 8
-        timings = {"render_s": 0.0, "edit_s": 0.0, "swap_s": 0.0}
-        sheet_rows: List[np.ndarray] = []
-        was_training = self.model.training
-        self.model.eval()
+        assert self.editor is not None
         columns = (
-            TextColumn(f"[bold]igs2gs sweep {sweep + 1}"),
+            TextColumn(f"[bold]igs2gs sweep {current.index + 1}"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("views · {task.fields[rate]:.2f} edits/s · ETA"),
             TimeRemainingColumn(),
         )
-        started = time.perf_counter()
-        # Edits are written (PNG + fsync + state) by one background thread, in order, while the
-        # next batch is edited; leaving this block, normally or not, waits for every write.
-        planned = max(sweep + 1, self._planned_sweeps())
-        with ThreadPoolExecutor(max_workers=1) as persist, Progress(*columns, console=CONSOLE) as progress:
-            self._persist = persist
-            writes: List[Future] = []
-            task = progress.add_task("sweep", total=len(originals_all), completed=len(state.views_done), rate=0.0)
-            try:
-                for group in _size_groups(todo, sizes, batch):
-                    self.apply_viewer_requests()
-                    if self.editing_paused:
-                        break
-                    t0 = time.perf_counter()
-                    renders = self._render(group)
-                    t1 = time.perf_counter()
-                    with self._viewer_unlocked():
-                        edits = self.editor.edit(
-                            renders.to(self.editor_device),
-                            datamanager.originals(group, self.editor_device),
-                            self.prompt,
-                            guidance_scale=self.config.guidance_scale,
-                            image_guidance_scale=self.config.image_guidance_scale,
-                            diffusion_steps=self.config.diffusion_steps,
-                            lower_bound=self.config.lower_bound,
-                            upper_bound=self.config.upper_bound,
-                            generator=[_seeded(self.config.edit_seed, sweep, view) for view in group],
-                            cond_keys=list(group),
-                        )
-                    t2 = time.perf_counter()
-                    stored = datamanager.replace(group, edits).cpu().numpy()
-                    state.views_done.extend(group)
-                    writes.append(persist.submit(store.save_edits, group, stored, replace(state, views_done=list(state.views_done))))
-                    timings["render_s"] += t1 - t0
-                    timings["edit_s"] += t2 - t1
-                    timings["swap_s"] += time.perf_counter() - t2
-                    sheet_rows.extend(self._sheet_rows(group, renders, stored, len(sheet_rows)))
-                    done = len(state.views_done)
-                    rate = (done - len(done_before)) / max(time.perf_counter() - started, 1e-9)
-                    progress.update(task, completed=done, rate=rate)
-                    self.status = f"sweep {sweep + 1} of {planned} · {done}/{len(originals_all)} views · {rate:.2f} edits/s"
-            finally:
-                self.model.train(was_training)
-                self._persist = None
-            waited = time.perf_counter()
-            for write in writes:
-                write.result()  # re-raise a failed write here rather than lose it silently
-            timings["swap_s"] += time.perf_counter() - waited
-        if len(state.views_done) < len(originals_all):  # paused from the viewer: resumes when unpaused
-            CONSOLE.log(f"igs2gs sweep {sweep + 1} paused after {len(state.views_done)} views")
+        with Progress(*columns, console=CONSOLE) as progress:
+            task = progress.add_task("sweep", total=current.views, completed=current.done, rate=0.0)
+            for group in groups:
+                self.apply_viewer_requests()
+                if self.editing_paused:
+                    break
+                renders = self._timed_render(current, group)
+                started = time.perf_counter()
+                with self._viewer_unlocked():
+                    edits = self.editor.edit(
+                        renders.to(self.editor_device),
+                        self.datamanager.originals(group, self.editor_device),
+                        self.prompt,
+                        generator=[_seeded(self.config.edit_seed, current.index, view) for view in group],
+                        cond_keys=list(group),
+                        **self._edit_kwargs(),
+                    )
+                current.store(group, renders, edits, time.perf_counter() - started)
+                progress.update(task, completed=current.done, rate=current.rate)
+
+    def _edit_on_replicas(self, current: Sweep, groups: List[List[int]]) -> None:
+        """Several editors: keep each busy (two batches queued per replica), store edits as they come back."""
+        assert self.edit_workers is not None
+        waiting = list(groups)
+        while waiting or self.edit_workers.outstanding:
+            self.apply_viewer_requests()
+            while waiting and not self.editing_paused and self.edit_workers.outstanding < 2 * len(self.editors):
+                self._submit(current, waiting.pop(0))
+            with self._viewer_unlocked():
+                finished = self.edit_workers.results(block=True)
+            self._store_results(current, finished)
+
+    def collect_edits(self) -> None:
+        """With ``overlap_edits``: swap in the edits finished since the last step; close the sweep when all are in."""
+        current = self._sweep_in_flight
+        if current is None or self.edit_workers is None:
             return
-        state.sweeps_completed, state.sweep_in_progress, state.views_done = sweep + 1, None, []
-        store.save_state(state)
-        timings["total_s"] = time.perf_counter() - started
-        timings["views"] = float(len(todo))
-        self.sweep_timings.append(timings)
-        if sheet_rows:
-            sheet = np.concatenate(sheet_rows, axis=0)
-            store.save_sheet(sweep, sheet)
-            writer.put_image(name=f"igs2gs/before_after_sweep_{sweep:02d}", image=torch.from_numpy(sheet) / 255.0, step=step)
-        CONSOLE.log(
-            f"igs2gs sweep {sweep + 1}: {len(todo)} views in {timings['total_s']:.1f} s "
-            f"(render {timings['render_s']:.1f} s, edit {timings['edit_s']:.1f} s, store {timings['swap_s']:.1f} s), "
-            f"instruction {self.prompt!r}"
-        )
-        self.status = f"sweep {sweep + 1} of {planned} done"
+        self._store_results(current, self.edit_workers.results(block=False))
+        if current.done == current.views:
+            self._sweep_in_flight = None
+            current.close()
+
+    def _store_results(self, current: Sweep, finished: List[EditResult]) -> None:
+        for result in finished:
+            assert result.edits is not None
+            current.store(result.job.views, result.job.renders, result.edits, result.seconds)
+
+    def _submit(self, current: Sweep, group: List[int]) -> None:
+        assert self.edit_workers is not None
+        renders = self._timed_render(current, group).cpu()  # on the CPU: the workers' streams read it safely
+        generators = [_seeded(self.config.edit_seed, current.index, view) for view in group]
+        self.edit_workers.submit(EditJob(list(group), renders, self.datamanager.originals(group, torch.device("cpu")), generators))
+
+    def _timed_render(self, current: Sweep, group: Sequence[int]) -> Tensor:
+        started = time.perf_counter()
+        renders = self._render(group)
+        current.timings["render_s"] += time.perf_counter() - started
+        return renders
+
+    def _edit_kwargs(self) -> Dict[str, object]:
+        return {
+            "guidance_scale": self.config.guidance_scale,
+            "image_guidance_scale": self.config.image_guidance_scale,
+            "diffusion_steps": self.config.diffusion_steps,
+            "lower_bound": self.config.lower_bound,
+            "upper_bound": self.config.upper_bound,
+        }
+
+    def _persist_thread(self) -> ThreadPoolExecutor:
+        """The one thread that writes edits and progress, in order (edits of a batch before the state that counts them)."""
+        if self._persist is None:
+            self._persist = ThreadPoolExecutor(max_workers=1, thread_name_prefix="igs2gs-store")
+        return self._persist
 
     def _sheet_rows(self, group: Sequence[int], renders: Tensor, stored: np.ndarray, have: int) -> List[np.ndarray]:
         """Rows of original | render | edit for the first ``sheet_views`` views of a sweep."""

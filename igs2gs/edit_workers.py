@@ -1,0 +1,126 @@
+"""Editors on several devices, each fed batches of views from one queue by its own thread.
+
+A sweep's batches go into one queue; each editor replica (one per ``--pipeline.ip2p-devices``
+entry) takes the next batch when it is free, so fast devices take more. On CUDA each worker runs
+on its own stream, which also lets edits overlap with splat training on a shared GPU. A replica
+that raises is retired, its batch goes back into the queue for the others, and the failure is
+kept for the log; only when every replica has failed does the sweep fail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class EditJob:
+    """One batch of views to edit: renders and originals [B, 3, H, W] in [0, 1] and a generator per view."""
+
+    views: List[int]
+    renders: Tensor
+    originals: Tensor
+    generators: List[torch.Generator]
+
+
+@dataclass
+class EditResult:
+    """The edits of a job ([B, 3, H, W] on the CPU), or the error that ended the last replica."""
+
+    job: EditJob
+    edits: Optional[Tensor]
+    worker: str
+    seconds: float
+    prompt: str = ""
+    error: Optional[str] = None
+
+
+class EditWorkers:
+    """One thread per editor; ``settings()`` is read when a batch starts, so changes apply at the next edit."""
+
+    def __init__(self, editors: Sequence, settings: Callable[[], Tuple[str, Dict[str, object]]]) -> None:
+        if not editors:
+            raise ValueError("need at least one editor")
+        self.settings = settings
+        self.failures: List[Tuple[str, str]] = []
+        self._jobs: "queue.Queue[Optional[EditJob]]" = queue.Queue()
+        self._results: "queue.Queue[EditResult]" = queue.Queue()
+        self._lock = threading.Lock()
+        self._outstanding = 0
+        self._alive = len(editors)
+        self.names = [f"{index}:{getattr(editor, 'device', 'cpu')}" for index, editor in enumerate(editors)]
+        self._threads = [
+            threading.Thread(target=self._work, args=(editor, name), name=f"igs2gs-editor-{name}", daemon=True)
+            for editor, name in zip(editors, self.names)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def outstanding(self) -> int:
+        """Jobs submitted whose result has not been taken yet."""
+        return self._outstanding
+
+    def submit(self, job: EditJob) -> None:
+        with self._lock:
+            self._outstanding += 1
+        self._jobs.put(job)
+
+    def results(self, block: bool, timeout: Optional[float] = None) -> List[EditResult]:
+        """Finished jobs: all that are ready, or (``block``) at least one unless none is outstanding."""
+        finished: List[EditResult] = []
+        if block and self._outstanding:
+            try:
+                finished.append(self._results.get(timeout=timeout))
+            except queue.Empty:
+                return finished
+        while True:
+            try:
+                finished.append(self._results.get_nowait())
+            except queue.Empty:
+                break
+        with self._lock:
+            self._outstanding -= len(finished)
+        for result in finished:
+            if result.error is not None:
+                raise RuntimeError(f"every editor replica failed; last: {result.error}; all failures: {self.failures}")
+        return finished
+
+    def close(self) -> None:
+        for _ in self._threads:
+            self._jobs.put(None)
+
+    def _work(self, editor, name: str) -> None:
+        device = torch.device(getattr(editor, "device", "cpu"))
+        stream = torch.cuda.Stream(device=device) if device.type == "cuda" else None
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            started = time.perf_counter()
+            prompt, settings = self.settings()
+            try:
+                with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                    edits = editor.edit(
+                        job.renders.to(device), job.originals.to(device), prompt,
+                        generator=job.generators, cond_keys=list(job.views), **settings,
+                    ).cpu()
+            except Exception as error:  # noqa: BLE001 - retire this replica, let the others take the batch
+                with self._lock:
+                    self.failures.append((name, f"{type(error).__name__}: {error}"))
+                    self._alive -= 1
+                    last = self._alive == 0
+                if last:
+                    self._results.put(EditResult(job, None, name, 0.0, prompt, error=f"{name}: {type(error).__name__}: {error}"))
+                else:
+                    self._jobs.put(job)
+                return
+            self._results.put(EditResult(job, edits, name, time.perf_counter() - started, prompt))
+

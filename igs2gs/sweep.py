@@ -1,0 +1,91 @@
+"""One sweep in progress: each batch of edits is swapped in and stored as it arrives; the sweep
+closes (state, before/after sheet, log line) once every training view has its new edit.
+
+Batches may arrive in the order they were rendered (one editor, training waiting) or in any
+order from several editor replicas, also while training goes on (``overlap_edits``).
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
+from typing import Dict, List, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from nerfstudio.utils import writer
+from nerfstudio.utils.rich_utils import CONSOLE
+
+
+class Sweep:
+    """Progress of sweep ``index`` started at training ``step``; persists through ``persist`` (one thread, in order)."""
+
+    def __init__(self, pipeline, index: int, step: int, persist: ThreadPoolExecutor) -> None:
+        self.pipeline, self.index, self.step, self.persist = pipeline, index, step, persist
+        state = pipeline.sweep_state
+        if state.sweep_in_progress is None:
+            state.last_sweep_step = step
+        state.sweep_in_progress = index
+        pipeline.edit_store.save_state(state)
+        self.views = len(pipeline.datamanager.original_images)
+        done_before = set(state.views_done)
+        self.todo = [view for view in range(self.views) if view not in done_before]
+        self.resumed_with = len(done_before)
+        self.planned = max(index + 1, pipeline._planned_sweeps())
+        self.timings: Dict[str, float] = {"render_s": 0.0, "edit_s": 0.0, "swap_s": 0.0}
+        self.sheet_rows: List[np.ndarray] = []
+        self.writes: List[Future] = []
+        self.started = time.perf_counter()
+
+    @property
+    def done(self) -> int:
+        return len(self.pipeline.sweep_state.views_done)
+
+    @property
+    def rate(self) -> float:
+        """Edits per second of wall time since this sweep (or its resumption) started."""
+        return (self.done - self.resumed_with) / max(time.perf_counter() - self.started, 1e-9)
+
+    def store(self, views: Sequence[int], renders: Tensor, edits: Tensor, edit_seconds: float) -> None:
+        """Swap a batch of edits into the working set and queue their atomic write with the progress."""
+        started = time.perf_counter()
+        pipeline, state = self.pipeline, self.pipeline.sweep_state
+        stored = pipeline.datamanager.replace(list(views), edits).cpu().numpy()
+        state.views_done.extend(views)
+        snapshot = replace(state, views_done=list(state.views_done))
+        self.writes.append(self.persist.submit(pipeline.edit_store.save_edits, list(views), stored, snapshot))
+        self.sheet_rows.extend(pipeline._sheet_rows(views, renders, stored, len(self.sheet_rows)))
+        self.timings["edit_s"] += edit_seconds
+        self.timings["swap_s"] += time.perf_counter() - started
+        pipeline.status = f"sweep {self.index + 1} of {self.planned} · {self.done}/{self.views} views · {self.rate:.2f} edits/s"
+
+    def close(self) -> bool:
+        """Wait for the writes; if every view is in, mark the sweep complete and write its sheet. True when complete."""
+        waited = time.perf_counter()
+        for write in self.writes:
+            write.result()  # re-raise a failed write here rather than lose it silently
+        self.timings["swap_s"] += time.perf_counter() - waited
+        pipeline, state, store = self.pipeline, self.pipeline.sweep_state, self.pipeline.edit_store
+        if self.done < self.views:  # paused from the viewer: the sweep resumes when editing resumes
+            CONSOLE.log(f"igs2gs sweep {self.index + 1} paused after {self.done} views")
+            return False
+        state.sweeps_completed, state.sweep_in_progress, state.views_done = self.index + 1, None, []
+        store.save_state(state)
+        self.timings["total_s"] = time.perf_counter() - self.started
+        self.timings["views"] = float(len(self.todo))
+        pipeline.sweep_timings.append(self.timings)
+        if self.sheet_rows:
+            sheet = np.concatenate(self.sheet_rows, axis=0)
+            store.save_sheet(self.index, sheet)
+            writer.put_image(name=f"igs2gs/before_after_sweep_{self.index:02d}", image=torch.from_numpy(sheet) / 255.0, step=self.step)
+        timings = self.timings
+        CONSOLE.log(
+            f"igs2gs sweep {self.index + 1}: {len(self.todo)} views in {timings['total_s']:.1f} s "
+            f"(render {timings['render_s']:.1f} s, edit {timings['edit_s']:.1f} s, store {timings['swap_s']:.1f} s), "
+            f"instruction {pipeline.prompt!r}"
+        )
+        pipeline.status = f"sweep {self.index + 1} of {self.planned} done"
+        return True

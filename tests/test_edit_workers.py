@@ -1,0 +1,92 @@
+"""Editor replicas fed from one queue: the same edits as one editor, every view once, failures retried."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from igs2gs.edit_store import EditStore
+from igs2gs.edit_workers import EditJob, EditWorkers
+from igs2gs.ip2p import InstructPix2Pix
+from test_pipeline import TRAIN_VIEWS, make_trainer, stored_equals_working_set
+from test_viewer_controls import step_pipeline
+
+PROMPT = "make it look like bronze"
+SETTINGS = {"diffusion_steps": 2, "guidance_scale": 3.0}
+
+
+@pytest.fixture(scope="module")
+def replicas(tiny_ip2p_dir):
+    return [InstructPix2Pix.from_pretrained(str(tiny_ip2p_dir), device="cpu") for _ in range(2)]
+
+
+def jobs(count: int, per_job: int = 2):
+    images = torch.rand(count * per_job, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    originals = torch.rand(count * per_job, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    for first in range(0, count * per_job, per_job):
+        views = list(range(first, first + per_job))
+        yield EditJob(views, images[views], originals[views], [torch.Generator().manual_seed(100 + v) for v in views])
+
+
+def edit_all(editors, count: int = 6):
+    workers = EditWorkers(editors, lambda: (PROMPT, SETTINGS))
+    for job in jobs(count):
+        workers.submit(job)
+    results = []
+    while workers.outstanding:
+        results.extend(workers.results(block=True, timeout=120))
+    workers.close()
+    return workers, {view: edit for result in results for view, edit in zip(result.job.views, result.edits)}, results
+
+
+def test_two_replicas_make_the_same_edits_as_one_and_each_view_once(replicas):
+    _, single, _ = edit_all(replicas[:1])
+    _, sharded, results = edit_all(replicas)
+    views = [view for result in results for view in result.job.views]
+    assert sorted(views) == list(range(12))  # every view exactly once
+    assert {result.worker for result in results} == {"0:cpu", "1:cpu"}  # both replicas took batches
+    for view in range(12):
+        assert (single[view] - sharded[view]).abs().max() < 1e-4, view
+
+
+class BrokenEditor:
+    device = torch.device("cpu")
+
+    def edit(self, *args, **kwargs):
+        time.sleep(0.01)
+        raise RuntimeError("CUDA error: device lost")
+
+
+def test_a_failing_replica_hands_its_batch_to_the_others_and_is_reported(replicas):
+    workers, edits, results = edit_all([BrokenEditor(), replicas[0]])
+    assert sorted(edits) == list(range(12)) and all(result.worker == "1:cpu" for result in results)
+    assert workers.failures == [("0:cpu", "RuntimeError: CUDA error: device lost")]
+
+
+def test_the_sweep_fails_clearly_when_every_replica_failed():
+    with pytest.raises(RuntimeError, match="every editor replica failed.*device lost"):
+        edit_all([BrokenEditor(), BrokenEditor()], count=2)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_pipeline_sweeps_on_two_cpu_replicas(scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path, overlap):
+    trainer = make_trainer(
+        scene_dir, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, f"replicas-{overlap}",
+        ip2p_devices="cpu,cpu", overlap_edits=overlap, ip2p_max_batch_size=2,
+    )
+    pipeline, start = trainer.pipeline, trainer._start_step
+    assert len(pipeline.editors) == 2 and pipeline.edit_workers is not None
+    store = EditStore(trainer.base_dir / "igs2gs")
+    step = start
+    step_pipeline(trainer, step)
+    if overlap:  # training went on while the edits were made; they arrive over the next steps
+        deadline = time.time() + 300
+        while store.load_state().sweeps_completed == 0 and time.time() < deadline:
+            step += 1
+            step_pipeline(trainer, step)
+    state = store.load_state()
+    assert state.sweeps_completed == 1 and state.sweep_in_progress is None
+    assert stored_equals_working_set(trainer, store) == TRAIN_VIEWS
+    assert pipeline.sweep_timings[0]["views"] == TRAIN_VIEWS
