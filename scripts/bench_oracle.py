@@ -69,6 +69,7 @@ def run(
     device: str = "cuda",
     model: Optional[Dict[str, object]] = None,
     features_lr: Optional[float] = None,
+    overlap: bool = False,
 ) -> Dict[str, object]:
     """Run the benchmark and write its outputs into ``out``; returns the JSON figures."""
     from PIL import Image
@@ -81,7 +82,8 @@ def run(
     oracle = OracleEditorConfig(transform=transform, **(PERTURBED if perturb else {}))  # type: ignore[arg-type]
     started = time.perf_counter()
     trainer = edit_trainer(
-        data, load_dir, out / "runs", steps=steps, device=device, model=model, editor="oracle", oracle=oracle, gs_steps=gs_steps
+        data, load_dir, out / "runs", steps=steps, device=device, model=model, editor="oracle", oracle=oracle, gs_steps=gs_steps,
+        overlap_edits=overlap,
     )
     pipeline = trainer.pipeline
     if features_lr is not None:  # short CPU runs: a colour edit moves the SH DC term slowly at splatfacto's rate
@@ -108,6 +110,7 @@ def run(
         "data": str(data),
         "transform": transform,
         "perturbations": PERTURBED if perturb else None,
+        "overlap_edits": overlap,
         "held_out_views": len(photos),
         "ceiling": ceiling,
         "history": history,
@@ -133,13 +136,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="edit length (default: the method's 7500)")
     parser.add_argument("--gs-steps", type=int, default=2500)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--overlap", action="store_true", help="--pipeline.overlap-edits (edits arrive while training goes on)")
     args = parser.parse_args()
     load_dir = args.load_dir
     if load_dir is None:
         from reconstruct import reconstruct
 
         load_dir = reconstruct(args.data, args.out / "splatfacto", args.reconstruct_steps, args.device)
-    result = run(args.data, load_dir, args.out, args.transform, args.perturb, args.steps, args.gs_steps, args.device)
+    result = run(args.data, load_dir, args.out, args.transform, args.perturb, args.steps, args.gs_steps, args.device, overlap=args.overlap)
     ceiling = result["ceiling"]["psnr"]  # type: ignore[index]
     print(f"ceiling (unedited reconstruction vs held-out photos): {ceiling:.2f} dB")
     for row in result["history"]:  # type: ignore[union-attr]
