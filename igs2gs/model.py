@@ -89,8 +89,6 @@ class IGS2GSModelConfig(SplatfactoModelConfig):
     """Backbone of the LPIPS loss."""
     lpips_bf16: bool = True
     """On CUDA, evaluate the LPIPS loss under bfloat16 autocast (about a third of a training step saved; the L1 term stays float32)."""
-    lpips_compile: bool = False
-    """On CUDA, run the LPIPS loss network through torch.compile (fewer kernel launches per step; compiles on the first step)."""
     lpips_pretrained_backbone: bool = True
     """Use torchvision's ImageNet weights for the LPIPS backbone (downloaded once). False: untrained backbone (offline tests)."""
     rasterizer: Literal["auto", "gsplat", "torch"] = "auto"
@@ -213,15 +211,6 @@ class IGS2GSModel(SplatfactoModel):
         return {"rgb": rgb.squeeze(0), "depth": depth, "accumulation": alpha.squeeze(0), "background": background}
 
     # ----------------------------------------------------------------------------- loss
-    def _lpips_loss_network(self) -> nn.Module:
-        """The shared LPIPS network, compiled once if asked (kept off the module tree: not in checkpoints)."""
-        network = self.lpips.network(self.device)
-        if not (self.config.lpips_compile and self.device.type == "cuda"):
-            return network
-        if getattr(self, "_compiled_lpips", None) is None:
-            object.__setattr__(self, "_compiled_lpips", torch.compile(network))
-        return self._compiled_lpips
-
     def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, Tensor]:
         """L1 + LPIPS against the current training image (an edit once the first sweep ran)."""
         target = self.composite_with_background(self.get_gt_img(batch["image"]), outputs["background"])
@@ -232,7 +221,7 @@ class IGS2GSModel(SplatfactoModel):
         loss_dict = {"main_loss": self.config.l1_loss_mult * torch.abs(target - prediction).mean()}
         if self.config.lpips_loss_mult > 0:
             as_batch = lambda image: image.permute(2, 0, 1)[None].clamp(0, 1)  # noqa: E731
-            network = self._lpips_loss_network()
+            network = self.lpips.network(self.device)
             half = self.config.lpips_bf16 and self.device.type == "cuda"
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=half):
                 perceptual = network(as_batch(prediction), as_batch(target), normalize=True).mean()

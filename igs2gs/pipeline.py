@@ -145,6 +145,11 @@ class IGS2GSPipeline(VanillaPipeline):
             from igs2gs.viewer_controls import EditControls
 
             devices = [d.strip() for d in (config.ip2p_devices or config.ip2p_device or str(self.device)).split(",") if d.strip()]
+            if config.ip2p_compile and (len(devices) > 1 or config.overlap_edits):
+                raise ValueError(
+                    "--pipeline.ip2p-compile cannot be combined with --pipeline.overlap-edits or several "
+                    "--pipeline.ip2p-devices: torch.compile is not thread-safe, and those run the editor in threads."
+                )
             self.editors = [self._load_editor(device) for device in devices]
             self.editor = self.editors[0]
             if len(self.editors) > 1 or config.overlap_edits:

@@ -79,7 +79,6 @@ def main() -> None:
     parser.add_argument("--train-on", choices=["ip2p", "oracle"], default="ip2p", help="oracle: train on oracle edits, time IP2P anyway")
     parser.add_argument("--compile", action="store_true", help="--pipeline.ip2p-compile")
     parser.add_argument("--lpips-fp32", action="store_true", help="LPIPS loss in float32 (as the reference)")
-    parser.add_argument("--lpips-compile", action="store_true", help="--pipeline.model.lpips-compile")
     parser.add_argument("--overlap", action="store_true", help="--pipeline.overlap-edits: edits run while training goes on")
     parser.add_argument("--reference-views", type=int, default=0, help="views of a reference-style sweep to time")
     parser.add_argument("--json", type=Path)
@@ -88,7 +87,7 @@ def main() -> None:
     started = time.perf_counter()
     trainer = edit_trainer(
         args.data, args.load_dir, args.output_dir, steps=args.steps, vis=args.vis,
-        model=dict(lpips_loss_mult=args.lpips_loss_mult, lpips_bf16=not args.lpips_fp32, lpips_compile=args.lpips_compile),
+        model=dict(lpips_loss_mult=args.lpips_loss_mult, lpips_bf16=not args.lpips_fp32),
         prompt=args.prompt, gs_steps=args.gs_steps, ip2p_model=args.ip2p_model, ip2p_compile=args.compile,
         overlap_edits=args.overlap,
     )
@@ -127,7 +126,6 @@ def main() -> None:
         "peak_gpu_gb": torch.cuda.max_memory_allocated() / 1e9,
         "trained_on": args.train_on,
         "compiled_unet": args.compile,
-        "compiled_lpips": args.lpips_compile,
         "overlap_edits": args.overlap,
         "sweep_s_means": "time training waited for sweeps (render + swap with --overlap)",
     }

@@ -90,3 +90,9 @@ def test_pipeline_sweeps_on_two_cpu_replicas(scene_dir, splatfacto_run, tiny_ip2
     assert state.sweeps_completed == 1 and state.sweep_in_progress is None
     assert stored_equals_working_set(trainer, store) == TRAIN_VIEWS
     assert pipeline.sweep_timings[0]["views"] == TRAIN_VIEWS
+
+
+def test_compiled_editor_is_refused_with_threaded_editing(scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path):
+    with pytest.raises(ValueError, match="not thread-safe"):
+        make_trainer(scene_dir, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, "compile-overlap",
+                     ip2p_compile=True, overlap_edits=True)
