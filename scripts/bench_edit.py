@@ -80,6 +80,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="--pipeline.ip2p-compile")
     parser.add_argument("--lpips-fp32", action="store_true", help="LPIPS loss in float32 (as the reference)")
     parser.add_argument("--overlap", action="store_true", help="--pipeline.overlap-edits: edits run while training goes on")
+    parser.add_argument("--ip2p-devices", help="--pipeline.ip2p-devices, e.g. cuda:1,cuda:2 (compare sweep_s with a one-device run)")
     parser.add_argument("--reference-views", type=int, default=0, help="views of a reference-style sweep to time")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -89,7 +90,7 @@ def main() -> None:
         args.data, args.load_dir, args.output_dir, steps=args.steps, vis=args.vis,
         model=dict(lpips_loss_mult=args.lpips_loss_mult, lpips_bf16=not args.lpips_fp32),
         prompt=args.prompt, gs_steps=args.gs_steps, ip2p_model=args.ip2p_model, ip2p_compile=args.compile,
-        overlap_edits=args.overlap,
+        overlap_edits=args.overlap, ip2p_devices=args.ip2p_devices,
     )
     if args.train_on == "oracle":
         from igs2gs.oracle import OracleEditor, OracleEditorConfig
@@ -127,6 +128,7 @@ def main() -> None:
         "trained_on": args.train_on,
         "compiled_unet": args.compile,
         "overlap_edits": args.overlap,
+        "ip2p_devices": args.ip2p_devices,
         "sweep_s_means": "time training waited for sweeps (render + swap with --overlap)",
     }
     if args.reference_views:
