@@ -386,6 +386,8 @@ class IGS2GSPipeline(VanillaPipeline):
             self.apply_viewer_requests()
             while waiting and not self.editing_paused and self.edit_workers.outstanding < 2 * len(self.editors):
                 self._submit(current, waiting.pop(0))
+            if not self.edit_workers.outstanding:  # paused with nothing in flight: the sweep resumes later
+                break
             with self._viewer_unlocked():
                 finished = self.edit_workers.results(block=True)
             self._store_results(current, finished)
