@@ -96,3 +96,27 @@ def test_compiled_editor_is_refused_with_threaded_editing(scene_dir, splatfacto_
     with pytest.raises(ValueError, match="not thread-safe"):
         make_trainer(scene_dir, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, "compile-overlap",
                      ip2p_compile=True, overlap_edits=True)
+
+
+def test_pausing_a_replica_sweep_stops_it_and_unpausing_finishes_it(scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path):
+    trainer = make_trainer(
+        scene_dir, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, "pause-replicas",
+        ip2p_devices="cpu,cpu", ip2p_max_batch_size=1,
+    )
+    pipeline, start = trainer.pipeline, trainer._start_step
+    store = EditStore(trainer.base_dir / "igs2gs")
+    real_submit = pipeline._submit
+
+    def submit_then_pause(current, group):  # the viewer's pause arrives while the first batch is out
+        real_submit(current, group)
+        pipeline.set_editing_paused(True)
+
+    pipeline._submit = submit_then_pause
+    step_pipeline(trainer, start)
+    state = store.load_state()
+    assert state.sweep_in_progress == 0 and len(state.views_done) == 1 and state.sweeps_completed == 0
+    pipeline._submit = real_submit
+    pipeline.set_editing_paused(False)
+    step_pipeline(trainer, start + 1)
+    assert store.load_state().sweeps_completed == 1
+    assert stored_equals_working_set(trainer, store) == TRAIN_VIEWS
