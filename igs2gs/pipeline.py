@@ -309,7 +309,7 @@ class IGS2GSPipeline(VanillaPipeline):
 
     # ------------------------------------------------------------------------- training
     def get_train_loss_dict(self, step: int):
-        self.collect_edits()
+        self.collect_edits(step)
         self.apply_viewer_requests()
         sweep = self.sweep_due(step)
         if sweep is not None:
@@ -392,12 +392,17 @@ class IGS2GSPipeline(VanillaPipeline):
                 finished = self.edit_workers.results(block=True)
             self._store_results(current, finished)
 
-    def collect_edits(self) -> None:
-        """With ``overlap_edits``: swap in the edits finished since the last step; close the sweep when all are in."""
+    def collect_edits(self, step: int) -> None:
+        """With ``overlap_edits``: swap in the edits finished since the last step; close the sweep when all
+        are in. At the edit's last step, wait for the rest, so that none is lost."""
         current = self._sweep_in_flight
         if current is None or self.edit_workers is None:
             return
-        self._store_results(current, self.edit_workers.results(block=False))
+        last_step = self.edit_end_step is not None and step >= self.edit_end_step
+        while True:
+            self._store_results(current, self.edit_workers.results(block=last_step))
+            if current.done == current.views or not last_step or not self.edit_workers.outstanding:
+                break
         if current.done == current.views:
             self._sweep_in_flight = None
             current.close()

@@ -79,13 +79,11 @@ def test_pipeline_sweeps_on_two_cpu_replicas(scene_dir, splatfacto_run, tiny_ip2
     pipeline, start = trainer.pipeline, trainer._start_step
     assert len(pipeline.editors) == 2 and pipeline.edit_workers is not None
     store = EditStore(trainer.base_dir / "igs2gs")
-    step = start
-    step_pipeline(trainer, step)
-    if overlap:  # training went on while the edits were made; they arrive over the next steps
-        deadline = time.time() + 300
-        while store.load_state().sweeps_completed == 0 and time.time() < deadline:
-            step += 1
-            step_pipeline(trainer, step)
+    pipeline.edit_end_step = start + 1
+    step_pipeline(trainer, start)
+    if overlap:  # training went on while the edits were made; the edit's last step waits for the rest
+        assert store.load_state().sweep_in_progress == 0
+        step_pipeline(trainer, start + 1)
     state = store.load_state()
     assert state.sweeps_completed == 1 and state.sweep_in_progress is None
     assert stored_equals_working_set(trainer, store) == TRAIN_VIEWS
