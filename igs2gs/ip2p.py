@@ -166,7 +166,7 @@ class InstructPix2Pix:
         ``attention_slicing`` trades speed for memory. Both are off by default: SDPA and a
         resident model are what make batched edits fast. ``vae_batch_size`` caps how many images
         the VAE encodes or decodes at once (its 512² activations, not the UNet's, set the peak);
-        ``compile_unet`` runs the UNet through ``torch.compile`` (minutes of compilation, once
+        ``compile_unet`` runs the UNet through ``torch.compile`` (about a minute of compilation, once
         per batch shape, cached by torch between runs).
         """
         device = torch.device(device)

@@ -88,7 +88,7 @@ class IGS2GSModelConfig(SplatfactoModelConfig):
     lpips_net: Literal["alex", "vgg"] = "alex"
     """Backbone of the LPIPS loss."""
     lpips_bf16: bool = True
-    """On CUDA, evaluate the LPIPS loss under bfloat16 autocast (about a third of a training step saved; the L1 term stays float32)."""
+    """On CUDA, evaluate the LPIPS loss under bfloat16 autocast (19.8 -> 17.2 ms per step on a 470k-splat 512px scene; the L1 term stays float32)."""
     lpips_pretrained_backbone: bool = True
     """Use torchvision's ImageNet weights for the LPIPS backbone (downloaded once). False: untrained backbone (offline tests)."""
     rasterizer: Literal["auto", "gsplat", "torch"] = "auto"
