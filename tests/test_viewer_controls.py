@@ -165,6 +165,11 @@ def test_viewer_panel_steers_the_edit_in_a_real_browser(scene_dir, splatfacto_ru
             page.wait_for_function(
                 "() => [...document.querySelectorAll('input')].some(i => i.value.startsWith('sweep 2 of 2'))", timeout=30_000
             )
+            # The training-image preview: pick "edited image"; the panel shows that view's current edit.
+            page.locator("input:visible[value='hidden']").first.click()
+            page.get_by_role("option", name="edited image").click()
+            page.wait_for_selector("img[src^='data:image/jpeg']", timeout=30_000)
+            assert "edited image" in page.content()
             page.screenshot(path=str(tmp_path / "viewer.png"))
             browser.close()
         assert state()["settings"]["prompt"] == "make it look like a bronze statue"
