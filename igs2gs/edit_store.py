@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -67,6 +67,10 @@ class SweepState:
     """Prompt and guidance in force (the latest, if changed while running)."""
     last_sweep_step: int = -1
     """Training step at which the latest sweep started (a scheduled sweep runs once per step even across resumes)."""
+
+    def snapshot(self) -> "SweepState":
+        """A copy to hand to the writer thread while this one keeps changing."""
+        return replace(self, views_done=list(self.views_done), settings=dict(self.settings))
 
 
 class EditStore:

@@ -36,23 +36,27 @@ def held_out_renders(pipeline) -> List[Tensor]:
         model.train(was_training)
 
 
+def held_out_targets(pipeline, transform: Optional[str] = None) -> List[Tensor]:
+    """The eval photos [H, W, 3], oracle-remapped if ``transform`` is given."""
+    photos = [eval_photo(pipeline.datamanager, index) for index in range(len(pipeline.datamanager.eval_dataset))]
+    if transform is None:
+        return photos
+    return [oracle_transform(photo.permute(2, 0, 1)[None], transform)[0].permute(1, 2, 0) for photo in photos]
+
+
 @torch.no_grad()
-def held_out_metrics(pipeline, transform: Optional[str] = None) -> Dict[str, float]:
-    """Mean PSNR, SSIM and LPIPS of the eval renders against their photos, oracle-remapped if
-    ``transform`` is given. PSNR is of the mean squared error over all views (as one image set)."""
+def held_out_metrics(pipeline, transform: Optional[str] = None, renders: Optional[List[Tensor]] = None) -> Dict[str, float]:
+    """Mean PSNR, SSIM and LPIPS of the eval renders (made now unless given) against their photos,
+    oracle-remapped if ``transform`` is given. PSNR is of the mean squared error over all views."""
     from torchmetrics.functional.image import structural_similarity_index_measure
 
-    datamanager, model = pipeline.datamanager, pipeline.model
-    renders = held_out_renders(pipeline)
+    renders = held_out_renders(pipeline) if renders is None else renders
     squared, ssims, lpipses = [], [], []
-    for index, render in enumerate(renders):
-        target = eval_photo(datamanager, index).to(render.device)
-        if transform is not None:
-            target = oracle_transform(target.permute(2, 0, 1)[None], transform)[0].permute(1, 2, 0)
-        ours, theirs = render.permute(2, 0, 1)[None], target.permute(2, 0, 1)[None]
+    for render, target in zip(renders, held_out_targets(pipeline, transform)):
+        ours, theirs = render.permute(2, 0, 1)[None], target.to(render.device).permute(2, 0, 1)[None]
         squared.append(torch.mean((ours - theirs) ** 2).item())
         ssims.append(structural_similarity_index_measure(ours, theirs, data_range=1.0).item())
-        lpipses.append(model.lpips(ours, theirs).item())
+        lpipses.append(pipeline.model.lpips(ours, theirs).item())
     return {
         "psnr": -10 * math.log10(max(sum(squared) / len(squared), 1e-12)),
         "ssim": sum(ssims) / len(ssims),

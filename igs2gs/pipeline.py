@@ -13,10 +13,9 @@ import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Dict, List, Literal, Optional, Protocol, Sequence, Tuple, Type
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.cuda.amp.grad_scaler import GradScaler
@@ -244,11 +243,8 @@ class IGS2GSPipeline(VanillaPipeline):
         self._apply_settings(requested, "set in the viewer")
         if self.sweep_state is not None and self.edit_store is not None:
             self.sweep_state.settings = self.edit_settings()
-            snapshot = replace(self.sweep_state, views_done=list(self.sweep_state.views_done))
-            if self._persist is not None:  # in a sweep: queue behind its edits so the file ends current
-                self._persist.submit(self.edit_store.save_state, snapshot)
-            else:
-                self.edit_store.save_state(snapshot)
+            # Queued behind the edits being written, so the state file ends with the new settings.
+            self._persist_thread().submit(self.edit_store.save_state, self.sweep_state.snapshot())
 
     def _update_status(self, step: int) -> None:
         """Status between sweeps: sweeps done, time to the next one (at the measured step rate)."""
@@ -261,15 +257,16 @@ class IGS2GSPipeline(VanillaPipeline):
         if state is None or step % 10:
             return
         if self.editing_paused:
-            self.status = f"editing paused · {state.sweeps_completed} of {self._planned_sweeps()} sweeps done"
+            self.status = f"editing paused · {state.sweeps_completed} of {self.planned_sweeps()} sweeps done"
             return
         steps_left = self.config.gs_steps - (step - state.edit_start_step - 1) % self.config.gs_steps
         when = f"next sweep in {steps_left} steps (~{steps_left * per_step:.0f} s)"
         if self.edit_end_step is not None and step + steps_left > self.edit_end_step:
             when = "no sweep left"
-        self.status = f"sweep {state.sweeps_completed} of {self._planned_sweeps()} done · {when}"
+        self.status = f"sweep {state.sweeps_completed} of {self.planned_sweeps()} done · {when}"
 
-    def _planned_sweeps(self) -> int:
+    def planned_sweeps(self) -> int:
+        """Sweeps the edit will have made by its last step (more if some were asked for in the viewer)."""
         state = self.sweep_state
         assert state is not None
         if self.edit_end_step is None:
@@ -371,7 +368,7 @@ class IGS2GSPipeline(VanillaPipeline):
                         renders.to(self.editor_device),
                         self.datamanager.originals(group, self.editor_device),
                         self.prompt,
-                        generator=[_seeded(self.config.edit_seed, current.index, view) for view in group],
+                        generator=self._generators(current, group),
                         cond_keys=list(group),
                         **self._edit_kwargs(),
                     )
@@ -415,8 +412,12 @@ class IGS2GSPipeline(VanillaPipeline):
     def _submit(self, current: Sweep, group: List[int]) -> None:
         assert self.edit_workers is not None
         renders = self._timed_render(current, group).cpu()  # on the CPU: the workers' streams read it safely
-        generators = [_seeded(self.config.edit_seed, current.index, view) for view in group]
-        self.edit_workers.submit(EditJob(list(group), renders, self.datamanager.originals(group, torch.device("cpu")), generators))
+        originals = self.datamanager.originals(group, torch.device("cpu"))
+        self.edit_workers.submit(EditJob(list(group), renders, originals, self._generators(current, group)))
+
+    def _generators(self, current: Sweep, group: Sequence[int]) -> List[torch.Generator]:
+        """One noise stream per (sweep, view): the same edits in any batching, on any replica, after a resume."""
+        return [_seeded(self.config.edit_seed, current.index, view) for view in group]
 
     def _timed_render(self, current: Sweep, group: Sequence[int]) -> Tensor:
         started = time.perf_counter()
@@ -438,17 +439,6 @@ class IGS2GSPipeline(VanillaPipeline):
         if self._persist is None:
             self._persist = ThreadPoolExecutor(max_workers=1, thread_name_prefix="igs2gs-store")
         return self._persist
-
-    def _sheet_rows(self, group: Sequence[int], renders: Tensor, stored: np.ndarray, have: int) -> List[np.ndarray]:
-        """Rows of original | render | edit for the first ``sheet_views`` views of a sweep."""
-        rows = []
-        for index, view in enumerate(group[: max(0, self.config.sheet_views - have)]):
-            original = self.datamanager.original_images[view].cpu().numpy()
-            if original.dtype != np.uint8:
-                original = np.round(np.clip(original, 0, 1) * 255).astype(np.uint8)
-            render = np.round(renders[index].permute(1, 2, 0).cpu().numpy() * 255).astype(np.uint8)
-            rows.append(np.concatenate([original, render, stored[index]], axis=1))
-        return rows
 
 
 def check_prompt(prompt: str) -> None:

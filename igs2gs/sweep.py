@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import replace
 from typing import Dict, List, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from igs2gs.datamanager import to_uint8
 from nerfstudio.utils import writer
 from nerfstudio.utils.rich_utils import CONSOLE
 
@@ -34,7 +34,7 @@ class Sweep:
         done_before = set(state.views_done)
         self.todo = [view for view in range(self.views) if view not in done_before]
         self.resumed_with = len(done_before)
-        self.planned = max(index + 1, pipeline._planned_sweeps())
+        self.planned = max(index + 1, pipeline.planned_sweeps())
         self.timings: Dict[str, float] = {"render_s": 0.0, "edit_s": 0.0, "swap_s": 0.0}
         self.sheet_rows: List[np.ndarray] = []
         self.writes: List[Future] = []
@@ -55,12 +55,21 @@ class Sweep:
         pipeline, state = self.pipeline, self.pipeline.sweep_state
         stored = pipeline.datamanager.replace(list(views), edits).cpu().numpy()
         state.views_done.extend(views)
-        snapshot = replace(state, views_done=list(state.views_done))
-        self.writes.append(self.persist.submit(pipeline.edit_store.save_edits, list(views), stored, snapshot))
-        self.sheet_rows.extend(pipeline._sheet_rows(views, renders, stored, len(self.sheet_rows)))
+        self.writes.append(self.persist.submit(pipeline.edit_store.save_edits, list(views), stored, state.snapshot()))
+        self._add_sheet_rows(views, renders, stored)
         self.timings["edit_s"] += edit_seconds
         self.timings["swap_s"] += time.perf_counter() - started
         pipeline.status = f"sweep {self.index + 1} of {self.planned} · {self.done}/{self.views} views · {self.rate:.2f} edits/s"
+
+    def _add_sheet_rows(self, views: Sequence[int], renders: Tensor, stored: np.ndarray) -> None:
+        """Rows of original | render | edit for the first ``sheet_views`` views of the sweep."""
+        wanted = max(0, self.pipeline.config.sheet_views - len(self.sheet_rows))
+        for index, view in enumerate(list(views)[:wanted]):
+            original = self.pipeline.datamanager.original_images[view]
+            if original.dtype != torch.uint8:
+                original = to_uint8(original)
+            render = to_uint8(renders[index].permute(1, 2, 0))
+            self.sheet_rows.append(np.concatenate([original.cpu().numpy(), render.cpu().numpy(), stored[index]], axis=1))
 
     def close(self) -> bool:
         """Wait for the writes; if every view is in, mark the sweep complete and write its sheet. True when complete."""

@@ -11,12 +11,14 @@ from __future__ import annotations
 import base64
 import io
 import threading
+import time
 from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
 
+from nerfstudio.viewer.viewer import VISER_NERFSTUDIO_SCALE_RATIO
 from nerfstudio.viewer.viewer_elements import ViewerControl
 
 if TYPE_CHECKING:
@@ -24,8 +26,6 @@ if TYPE_CHECKING:
 
 PREVIEW_MODES = ("hidden", "original photo", "edited image")
 PREVIEW_WIDTH = 320
-# nerfstudio's viewer draws the scene at this multiple of nerfstudio's world units.
-VISER_SCALE = 10.0
 
 
 def preview_markdown(image: torch.Tensor, caption: str) -> str:
@@ -47,8 +47,7 @@ class EditControls(ViewerControl):
     def __init__(self, pipeline: "IGS2GSPipeline") -> None:
         self.pipeline = pipeline
         self.handles: Dict[str, object] = {}
-        self._shown: Tuple[object, ...] = ()
-        self._stop = threading.Event()
+        self._shown: Tuple[object, ...] = ()  # (mode, view, image tensor) now in the panel
 
     def _setup(self, viewer) -> None:
         super()._setup(viewer)
@@ -79,7 +78,8 @@ class EditControls(ViewerControl):
 
     # ------------------------------------------------------------------------ refreshing
     def _refresh_forever(self) -> None:
-        while not self._stop.wait(0.25):
+        while True:
+            time.sleep(0.25)
             try:
                 self.refresh()
             except Exception:  # noqa: BLE001 - a closed viewer or a dropped client must not end training
@@ -96,10 +96,9 @@ class EditControls(ViewerControl):
         image = None
         if view is not None:
             image = datamanager.original_images[view] if mode == PREVIEW_MODES[1] else datamanager.working_image(view)
-        shown = (mode, view, id(image))
-        if shown == self._shown:
+        if self._shown and self._shown[:2] == (mode, view) and self._shown[2] is image:
             return
-        self._shown = shown
+        self._shown = (mode, view, image)
         if image is None:
             self.handles["preview"].content = ""
             return
@@ -111,10 +110,7 @@ class EditControls(ViewerControl):
         clients = list(self.viser_server.get_clients().values())
         if not clients:
             return None
-        position = torch.tensor(np.asarray(clients[0].camera.position), dtype=torch.float32) / VISER_SCALE
+        position = torch.tensor(np.asarray(clients[0].camera.position), dtype=torch.float32) / VISER_NERFSTUDIO_SCALE_RATIO
         centres = self.pipeline.datamanager.train_dataset.cameras.camera_to_worlds[:, :3, 3].float().cpu()
         return int(torch.linalg.norm(centres - position, dim=1).argmin())
-
-    def close(self) -> None:
-        self._stop.set()
 

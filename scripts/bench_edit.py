@@ -84,6 +84,8 @@ def main() -> None:
     parser.add_argument("--reference-views", type=int, default=0, help="views of a reference-style sweep to time")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if args.train_on == "oracle" and (args.overlap or args.ip2p_devices):
+        parser.error("--train-on oracle swaps the single editor; it does not combine with --overlap or --ip2p-devices")
 
     started = time.perf_counter()
     trainer = edit_trainer(

@@ -55,6 +55,18 @@ def timed_edits(editor: InstructPix2Pix, renders: torch.Tensor, originals: torch
     return time.perf_counter() - start
 
 
+def figures(seconds: float, reference_s: float, flops: float, peak_tflops: float) -> Dict[str, float]:
+    """One row of the table: time per edit, speed-up, achieved TFLOP/s and share of peak, peak memory since the last reset."""
+    achieved = flops / seconds / 1e12
+    return {
+        "s_per_edit": seconds,
+        "speedup_vs_reference": reference_s / seconds,
+        "tflops": achieved,
+        "fraction_of_bf16_peak": achieved / peak_tflops,
+        "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
+    }
+
+
 def vae_seconds(editor: InstructPix2Pix, renders: torch.Tensor) -> float:
     """Seconds per edit spent in the VAE: encoding the render and decoding the result."""
     with torch.no_grad():
@@ -128,17 +140,7 @@ def main() -> None:
         timed_edits(ours, renders[:batch], originals[:batch], args.steps, batch)  # warm-up (cudnn autotune)
         torch.cuda.reset_peak_memory_stats()
         seconds = timed_edits(ours, renders, originals, args.steps, batch) / args.views
-        achieved = flops / seconds / 1e12
-        rows.append(
-            {
-                "batch": batch,
-                "s_per_edit": seconds,
-                "speedup_vs_reference": reference_s / seconds,
-                "tflops": achieved,
-                "fraction_of_bf16_peak": achieved / peak_tflops,
-                "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
-            }
-        )
+        rows.append({"batch": batch, **figures(seconds, reference_s, flops, peak_tflops)})
     results.update({"ours": rows, "weights_gb": weights_gb, "tflop_per_edit": flops / 1e12, "bf16_peak_tflops": peak_tflops})
     results["vae_s_per_edit"] = vae_seconds(ours, renders[: max(1, args.compile_batch)])
 
@@ -153,13 +155,7 @@ def main() -> None:
             timed_edits(editor, renders[:batch], originals[:batch], args.steps, batch)
             torch.cuda.reset_peak_memory_stats()
             seconds = timed_edits(editor, renders, originals, args.steps, batch) / args.views
-            variants.append(
-                {
-                    "variant": name, "batch": batch, "s_per_edit": seconds, "first_call_s": first,
-                    "speedup_vs_reference": reference_s / seconds, "tflops": flops / seconds / 1e12,
-                    "fraction_of_bf16_peak": flops / seconds / 1e12 / peak_tflops, "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
-                }
-            )
+            variants.append({"variant": name, "batch": batch, "first_call_s": first, **figures(seconds, reference_s, flops, peak_tflops)})
             del editor
             torch.cuda.empty_cache()
     results["variants"] = variants

@@ -74,8 +74,8 @@ def run(
     """Run the benchmark and write its outputs into ``out``; returns the JSON figures."""
     from PIL import Image
 
-    from igs2gs.evaluation import eval_photo, held_out_metrics, held_out_renders
-    from igs2gs.oracle import OracleEditorConfig, oracle_transform
+    from igs2gs.evaluation import held_out_metrics, held_out_renders, held_out_targets
+    from igs2gs.oracle import OracleEditorConfig
     from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation
 
     out.mkdir(parents=True, exist_ok=True)
@@ -90,11 +90,10 @@ def run(
         for group in trainer.optimizers.optimizers["features_dc"].param_groups:
             group["lr"] = features_lr
     start_step = trainer._start_step
-    ceiling = held_out_metrics(pipeline)
-    history = [{"step": start_step, **held_out_metrics(pipeline, transform)}]
-    photos = [eval_photo(pipeline.datamanager, i) for i in range(len(pipeline.datamanager.eval_dataset))]
-    targets = [oracle_transform(p.permute(2, 0, 1)[None], transform)[0].permute(1, 2, 0) for p in photos]
     before = held_out_renders(pipeline)
+    ceiling = held_out_metrics(pipeline, renders=before)
+    history = [{"step": start_step, **held_out_metrics(pipeline, transform, renders=before)}]
+    photos, targets = held_out_targets(pipeline), held_out_targets(pipeline, transform)
     last_step = trainer.config.max_num_iterations + start_step - 1
 
     def score(step: int) -> None:

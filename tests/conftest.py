@@ -72,6 +72,15 @@ def splatfacto_run(scene_dir, tmp_path_factory) -> Path:
     return checkpoints.parent
 
 
+def step_pipeline(trainer, step: int) -> None:
+    """One pipeline step as the trainer makes it (its pre-iteration callbacks, then the loss), without the optimizer."""
+    from nerfstudio.engine.callbacks import TrainingCallbackLocation
+
+    for callback in trainer.callbacks:
+        callback.run_callback_at_location(step, location=TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
+    trainer.pipeline.get_train_loss_dict(step)
+
+
 def igs2gs_args(scene: Path, load_dir: Path, ip2p: Path, output: Path, *extra: str) -> List[str]:
     """``ns-train igs2gs`` on the CPU with the tiny editor and a short schedule."""
     return [

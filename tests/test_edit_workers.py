@@ -7,11 +7,11 @@ import time
 import pytest
 import torch
 
+from conftest import step_pipeline
 from igs2gs.edit_store import EditStore
 from igs2gs.edit_workers import EditJob, EditWorkers
 from igs2gs.ip2p import InstructPix2Pix
 from test_pipeline import TRAIN_VIEWS, make_trainer, stored_equals_working_set
-from test_viewer_controls import step_pipeline
 
 PROMPT = "make it look like bronze"
 SETTINGS = {"diffusion_steps": 2, "guidance_scale": 3.0}

@@ -18,9 +18,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import igs2gs_args, offline_env
+from conftest import igs2gs_args, offline_env, step_pipeline
 from igs2gs.edit_store import EditStore
-from igs2gs.viewer_controls import VISER_SCALE, EditControls, preview_markdown
+from igs2gs.viewer_controls import EditControls, preview_markdown
+from nerfstudio.viewer.viewer import VISER_NERFSTUDIO_SCALE_RATIO as VISER_SCALE
 from test_pipeline import free_port, make_trainer
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -28,15 +29,6 @@ CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
     "--disable-component-update", "--disable-sync", "--disable-quic",
 ]
-
-
-def step_pipeline(trainer, step: int) -> None:
-    """One pipeline step as the trainer makes it (its pre-iteration callbacks, then the loss), without the optimizer."""
-    from nerfstudio.engine.callbacks import TrainingCallbackLocation
-
-    for callback in trainer.callbacks:
-        callback.run_callback_at_location(step, location=TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
-    trainer.pipeline.get_train_loss_dict(step)
 
 
 def test_viewer_requests_apply_at_the_next_edit_and_are_recorded(scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path):
