@@ -79,6 +79,7 @@ def main() -> None:
     parser.add_argument("--train-on", choices=["ip2p", "oracle"], default="ip2p", help="oracle: train on oracle edits, time IP2P anyway")
     parser.add_argument("--compile", action="store_true", help="--pipeline.ip2p-compile")
     parser.add_argument("--lpips-fp32", action="store_true", help="LPIPS loss in float32 (as the reference)")
+    parser.add_argument("--lpips-eager", action="store_true", help="LPIPS loss launched op by op, not replayed from a CUDA graph")
     parser.add_argument("--overlap", action="store_true", help="--pipeline.overlap-edits: edits run while training goes on")
     parser.add_argument("--ip2p-devices", help="--pipeline.ip2p-devices, e.g. cuda:1,cuda:2 (compare sweep_s with a one-device run)")
     parser.add_argument("--reference-views", type=int, default=0, help="views of a reference-style sweep to time")
@@ -90,7 +91,7 @@ def main() -> None:
     started = time.perf_counter()
     trainer = edit_trainer(
         args.data, args.load_dir, args.output_dir, steps=args.steps, vis=args.vis,
-        model=dict(lpips_loss_mult=args.lpips_loss_mult, lpips_bf16=not args.lpips_fp32),
+        model=dict(lpips_loss_mult=args.lpips_loss_mult, lpips_bf16=not args.lpips_fp32, lpips_cuda_graph=not args.lpips_eager),
         prompt=args.prompt, gs_steps=args.gs_steps, ip2p_model=args.ip2p_model, ip2p_compile=args.compile,
         overlap_edits=args.overlap, ip2p_devices=args.ip2p_devices,
     )
@@ -130,6 +131,7 @@ def main() -> None:
         "trained_on": args.train_on,
         "compiled_unet": args.compile,
         "overlap_edits": args.overlap,
+        "lpips": ("float32" if args.lpips_fp32 else "bf16") + (" eager" if args.lpips_eager else " CUDA graph"),
         "ip2p_devices": args.ip2p_devices,
         "sweep_s_means": "time training waited for sweeps (render + swap with --overlap)",
     }

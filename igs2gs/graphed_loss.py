@@ -1,0 +1,100 @@
+"""A scalar image loss and its gradient, replayed from CUDA graphs.
+
+The LPIPS loss of a 512² view launches ~100 small kernels forward and backward: ~6 ms per step on
+an H100 of which the GPU is busy ~1.3 ms. Capturing the loss *and* its gradient with respect to
+the prediction in one graph per image size turns that into one launch. Capture runs in
+``thread_local`` mode, so an editor thread may keep launching its own kernels meanwhile.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+LossFunction = Callable[[Tensor, Tensor], Tensor]
+
+
+class _LossGraph:
+    """One captured ``loss_fn(prediction, target)`` and ``d loss / d prediction`` for one input shape."""
+
+    def __init__(self, loss_fn: LossFunction, prediction: Tensor, target: Tensor, warmup: int = 3) -> None:
+        self.prediction = torch.zeros_like(prediction, requires_grad=True)
+        self.target = torch.zeros_like(target)
+        with torch.no_grad():  # warm up and capture on real values: no NaN paths in the warm-up
+            self.prediction.copy_(prediction)
+            self.target.copy_(target)
+        device = prediction.device
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # lazy cuDNN/cuBLAS set-up must happen outside the capture
+            for _ in range(warmup):
+                self._loss_and_gradient(loss_fn)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.loss, self.gradient = self._loss_and_gradient(loss_fn)
+
+    def _loss_and_gradient(self, loss_fn: LossFunction) -> Tuple[Tensor, Tensor]:
+        loss = loss_fn(self.prediction, self.target)
+        (gradient,) = torch.autograd.grad(loss, self.prediction)
+        return loss.detach(), gradient
+
+    def replay(self, prediction: Tensor, target: Tensor) -> Tuple[Tensor, Tensor]:
+        with torch.no_grad():
+            self.prediction.copy_(prediction)
+            self.target.copy_(target)
+        self.graph.replay()
+        return self.loss.clone(), self.gradient.clone()
+
+
+class _Replayed(torch.autograd.Function):
+    """The graph's loss as an autograd node whose backward scales the captured gradient."""
+
+    @staticmethod
+    def forward(ctx, prediction: Tensor, target: Tensor, graph: _LossGraph) -> Tensor:  # type: ignore[override]
+        loss, gradient = graph.replay(prediction.detach(), target.detach())
+        ctx.save_for_backward(gradient)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):  # type: ignore[override]
+        (gradient,) = ctx.saved_tensors
+        return grad_loss * gradient, None, None
+
+
+class GraphedLoss:
+    """``loss_fn(prediction, target)`` (a scalar, differentiable in ``prediction`` only) run from a
+    CUDA graph per input shape; eager on CPU, past ``max_graphs`` shapes, or if a capture fails."""
+
+    def __init__(self, loss_fn: LossFunction, max_graphs: int = 4) -> None:
+        self.loss_fn = loss_fn
+        self.max_graphs = max_graphs
+        self._graphs: Dict[Tuple, Optional[_LossGraph]] = {}
+
+    def __call__(self, prediction: Tensor, target: Tensor) -> Tensor:
+        graph = self._graph_for(prediction, target)
+        if graph is None or not torch.is_grad_enabled():
+            return self.loss_fn(prediction, target)
+        return _Replayed.apply(prediction, target, graph)
+
+    @property
+    def graphs(self) -> int:
+        """Shapes served from a captured graph."""
+        return sum(graph is not None for graph in self._graphs.values())
+
+    def _graph_for(self, prediction: Tensor, target: Tensor) -> Optional[_LossGraph]:
+        if prediction.device.type != "cuda" or not prediction.requires_grad:
+            return None
+        key = (tuple(prediction.shape), tuple(target.shape), prediction.dtype, target.dtype, prediction.device)
+        if key not in self._graphs:
+            if len(self._graphs) >= self.max_graphs:
+                return None
+            try:
+                self._graphs[key] = _LossGraph(self.loss_fn, prediction.detach(), target.detach())
+            except RuntimeError as error:
+                warnings.warn(f"CUDA graph capture of the loss failed ({error}); computing it eagerly for {key[0]}")
+                self._graphs[key] = None
+        return self._graphs[key]
