@@ -159,8 +159,6 @@ class InstructPix2Pix:
         cache_conditioning: bool = True,
         vae_batch_size: int = 4,
         compile_unet: bool = False,
-        channels_last: bool = False,
-        fuse_qkv: bool = False,
     ) -> "InstructPix2Pix":
         """Load ``model`` (hub id or local folder) onto ``device``.
 
@@ -169,9 +167,7 @@ class InstructPix2Pix:
         resident model are what make batched edits fast. ``vae_batch_size`` caps how many images
         the VAE encodes or decodes at once (its 512² activations, not the UNet's, set the peak);
         ``compile_unet`` runs the UNet through ``torch.compile`` (about a minute of compilation, once
-        per batch shape, cached by torch between runs). ``channels_last`` stores the UNet's and VAE's
-        convolutions in NHWC, the layout tensor-core convolutions use; ``fuse_qkv`` merges each
-        attention's query/key/value projections into one matrix product.
+        per batch shape, cached by torch between runs).
         """
         device = torch.device(device)
         if device.type == "cpu" and dtype != torch.float32:
@@ -186,12 +182,6 @@ class InstructPix2Pix:
             pipe.to(device)
         for module in (pipe.unet, pipe.vae, pipe.text_encoder):
             module.requires_grad_(False).eval()
-        if fuse_qkv:
-            pipe.unet.fuse_qkv_projections()
-            pipe.vae.fuse_qkv_projections()
-        if channels_last:
-            pipe.unet.to(memory_format=torch.channels_last)
-            pipe.vae.to(memory_format=torch.channels_last)
         return cls(pipe, device, max_batch_size, cache_conditioning, vae_batch_size, compile_unet and device.type == "cuda")
 
     # ----------------------------------------------------------------------------------- caches

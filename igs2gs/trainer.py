@@ -24,6 +24,7 @@ import torch
 from igs2gs.edit_store import STORE_DIRNAME, EditStore
 from igs2gs.pipeline import check_prompt
 from nerfstudio.engine.trainer import Trainer, TrainerConfig
+from nerfstudio.utils import writer
 from nerfstudio.utils.rich_utils import CONSOLE
 
 GAUSSIAN_KEY = "_model.gauss_params.means"
@@ -139,6 +140,9 @@ class IGS2GSTrainer(Trainer):
         self.loaded_state: Optional[Dict[str, Any]] = load_checkpoint_state(self.checkpoint_path)
         check_same_scene(self.checkpoint_path, self._train_dataparser_outputs())
         super().setup(test_mode)
+        # nerfstudio's console counts "% Done" and the ETA up to max_num_iterations as an absolute step;
+        # an edit starts at the loaded step (e.g. 30000), so count up to the step the edit ends at.
+        writer.GLOBAL_BUFFER["max_iter"] = self.pipeline.edit_end_step
 
     def _train_dataparser_outputs(self):
         """The training split as the datamanager will parse it (poses and normalisation only, no images)."""

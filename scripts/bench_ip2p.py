@@ -9,8 +9,8 @@ speed and memory are real and the pictures are noise.
     python scripts/bench_ip2p.py [--model DIR] [--views 16] [--batch-sizes 1,4,8,16] [--compile-batch 8] [--json out.json]
 
 Also printed: the VAE's share of an edit (encode + decode, timed alone) and, at the
-``--compile-batch`` size, the ``--variants``: bf16, NHWC convolutions, fused QKV projections, the
-UNet under torch.compile (compile time apart).
+``--compile-batch`` size, the ``--variants``: bf16 and the UNet under torch.compile (compile time
+apart).
 """
 
 from __future__ import annotations
@@ -36,11 +36,7 @@ BF16_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 31
 
 VARIANTS = {  # row name -> from_pretrained arguments, given the --dtype
     "bfloat16": lambda dtype: dict(dtype=torch.bfloat16),
-    "channels_last": lambda dtype: dict(dtype=dtype, channels_last=True),
-    "fuse_qkv": lambda dtype: dict(dtype=dtype, fuse_qkv=True),
-    "channels_last+fuse_qkv": lambda dtype: dict(dtype=dtype, channels_last=True, fuse_qkv=True),
     "compiled": lambda dtype: dict(dtype=dtype, compile_unet=True),
-    "compiled+channels_last": lambda dtype: dict(dtype=dtype, compile_unet=True, channels_last=True),
 }
 
 
@@ -111,7 +107,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16")
     parser.add_argument("--reference-views", type=int, default=4, help="views timed for the (slow) reference-style run")
     parser.add_argument("--compile-batch", type=int, default=8, help="batch of the variant rows (0: skip them)")
-    parser.add_argument("--variants", default="bfloat16,channels_last,fuse_qkv,channels_last+fuse_qkv,compiled", help="variant rows to time")
+    parser.add_argument("--variants", default="bfloat16,compiled", help="variant rows to time")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -183,7 +179,7 @@ def main() -> None:
     print(f"VAE (encode render + decode edit) alone: {results['vae_s_per_edit']:.4f} s/edit")
     for row in variants:
         print(
-            f"{row['variant']:>22} batch {row['batch']}: {row['s_per_edit']:.3f} s/edit ({row['speedup_vs_reference']:.1f}x), "
+            f"{row['variant']:>9} batch {row['batch']}: {row['s_per_edit']:.3f} s/edit ({row['speedup_vs_reference']:.1f}x), "
             f"{row['tflops']:.1f} TFLOP/s = {row['fraction_of_bf16_peak']:.1%} of peak, peak {row['peak_gb']:.2f} GB, "
             f"first call {row['first_call_s']:.1f} s"
         )

@@ -153,6 +153,8 @@ def stored_equals_working_set(trainer, store: EditStore) -> int:
 
 
 def test_optimizers_act_on_the_loaded_gaussians(scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path):
+    from nerfstudio.utils import writer
+
     trainer = make_trainer(scene_dir, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, "relink")
     params = trainer.pipeline.model.gauss_params
     for name in GAUSSIANS:
@@ -161,6 +163,8 @@ def test_optimizers_act_on_the_loaded_gaussians(scene_dir, splatfacto_run, tiny_
         assert trainer.optimizers.optimizers[name].state[optimised]["exp_avg"].shape == params[name].shape
     # The position schedule restarts at the loaded step instead of sitting at splatfacto's floor.
     assert trainer.optimizers.schedulers["means"].get_last_lr()[0] == pytest.approx(1.6e-4)
+    # The console's progress and ETA count to the step the edit ends at, not to max_num_iterations.
+    assert writer.GLOBAL_BUFFER["max_iter"] == trainer.pipeline.edit_end_step == trainer._start_step - 1 + 7500  # the default length
 
 
 def test_resume_after_an_interrupted_sweep_restores_edits_and_finishes_the_sweep(
