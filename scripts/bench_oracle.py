@@ -96,14 +96,17 @@ def run(
     photos, targets = held_out_targets(pipeline), held_out_targets(pipeline, transform)
     last_step = trainer.config.max_num_iterations + start_step - 1
 
+    latest = {"renders": before}
+
     def score(step: int) -> None:
         if step == last_step or (step - start_step + 1) % gs_steps == 0:  # the end of a sweep's training period
-            history.append({"step": step, **held_out_metrics(pipeline, transform)})
+            latest["renders"] = held_out_renders(pipeline)
+            history.append({"step": step, **held_out_metrics(pipeline, transform, renders=latest["renders"])})
             print(f"step {step}: held-out PSNR vs oracle {history[-1]['psnr']:.2f} dB (ceiling {ceiling['psnr']:.2f})")
 
     trainer.callbacks.append(TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], score, update_every_num_iters=1))
     trainer.train()
-    after = held_out_renders(pipeline)
+    after = latest["renders"]  # the last step was scored: the splats have not changed since
     final = history[-1]
     result: Dict[str, object] = {
         "data": str(data),

@@ -51,6 +51,21 @@ def test_two_replicas_make_the_same_edits_as_one_and_each_view_once(replicas):
         assert (single[view] - sharded[view]).abs().max() < 1e-4, view
 
 
+@pytest.mark.gpu
+def test_replicas_on_cuda_streams_make_the_same_edits_as_one(tiny_ip2p_dir):
+    """Each worker edits on its own CUDA stream; the edits handed back are complete and equal one
+    editor's (two replicas on two GPUs, or on the one GPU there is)."""
+    devices = [f"cuda:{index % torch.cuda.device_count()}" for index in range(2)]
+    editors = [InstructPix2Pix.from_pretrained(str(tiny_ip2p_dir), device=device) for device in devices]
+    _, single, _ = edit_all(editors[:1])
+    _, sharded, results = edit_all(editors)
+    assert sorted(view for result in results for view in result.job.views) == list(range(12))
+    assert {result.worker for result in results} == {f"{index}:{device}" for index, device in enumerate(devices)}
+    for view in range(12):
+        assert sharded[view].device.type == "cpu"
+        assert (single[view] - sharded[view]).abs().max() < 1e-2, view
+
+
 class BrokenEditor:
     device = torch.device("cpu")
 
