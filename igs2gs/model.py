@@ -91,7 +91,7 @@ class IGS2GSModelConfig(SplatfactoModelConfig):
     lpips_bf16: bool = True
     """On CUDA, evaluate the LPIPS loss under bfloat16 autocast (19.8 -> 17.2 ms per step on a 470k-splat 512px scene; the L1 term stays float32)."""
     lpips_cuda_graph: bool = True
-    """On CUDA, replay the LPIPS loss and its gradient from a CUDA graph per image size (its ~100 small kernels are launch-bound)."""
+    """On CUDA, replay the LPIPS loss and its gradient from a CUDA graph per image size: its ~100 small kernels are launch-bound (stone_horse, 467k splats, 512px: 88.5 vs 53.1 steps/s)."""
     lpips_pretrained_backbone: bool = True
     """Use torchvision's ImageNet weights for the LPIPS backbone (downloaded once). False: untrained backbone (offline tests)."""
     rasterizer: Literal["auto", "gsplat", "torch"] = "auto"
