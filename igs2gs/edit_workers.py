@@ -54,6 +54,9 @@ class EditWorkers:
         self._results: "queue.Queue[EditResult]" = queue.Queue()
         self._lock = threading.Lock()
         self._outstanding = 0
+        self._busy = 0
+        self._running = threading.Event()
+        self._running.set()
         self._alive = len(editors)
         self.names = [f"{index}:{getattr(editor, 'device', 'cpu')}" for index, editor in enumerate(editors)]
         self._threads = [
@@ -67,6 +70,18 @@ class EditWorkers:
     def outstanding(self) -> int:
         """Jobs submitted whose result has not been taken yet."""
         return self._outstanding
+
+    @property
+    def busy(self) -> int:
+        """Jobs being edited right now (their results are queued before this drops)."""
+        return self._busy
+
+    def pause(self, paused: bool) -> None:
+        """Hold queued jobs back while ``paused``; jobs already being edited finish."""
+        if paused:
+            self._running.clear()
+        else:
+            self._running.set()
 
     def submit(self, job: EditJob) -> None:
         with self._lock:
@@ -104,23 +119,36 @@ class EditWorkers:
             job = self._jobs.get()
             if job is None:
                 return
-            started = time.perf_counter()
-            prompt, settings = self.settings()
+            self._running.wait()  # paused: hold the job until editing resumes (then with the settings of then)
+            with self._lock:
+                self._busy += 1
             try:
-                with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                    edits = editor.edit(
-                        job.renders.to(device), job.originals.to(device), prompt,
-                        generator=job.generators, cond_keys=list(job.views), **settings,
-                    ).cpu()
-            except Exception as error:  # noqa: BLE001 - retire this replica, let the others take the batch
+                alive = self._edit(editor, name, device, stream, job)
+            finally:
                 with self._lock:
-                    self.failures.append((name, f"{type(error).__name__}: {error}"))
-                    self._alive -= 1
-                    last = self._alive == 0
-                if last:
-                    self._results.put(EditResult(job, None, name, 0.0, prompt, error=f"{name}: {type(error).__name__}: {error}"))
-                else:
-                    self._jobs.put(job)
+                    self._busy -= 1
+            if not alive:
                 return
-            self._results.put(EditResult(job, edits, name, time.perf_counter() - started, prompt))
 
+    def _edit(self, editor, name: str, device: torch.device, stream, job: EditJob) -> bool:
+        """Edit one job and queue its result; False when this replica failed and retires."""
+        started = time.perf_counter()
+        prompt, settings = self.settings()
+        try:
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                edits = editor.edit(
+                    job.renders.to(device), job.originals.to(device), prompt,
+                    generator=job.generators, cond_keys=list(job.views), **settings,
+                ).cpu()
+        except Exception as error:  # noqa: BLE001 - retire this replica, let the others take the batch
+            with self._lock:
+                self.failures.append((name, f"{type(error).__name__}: {error}"))
+                self._alive -= 1
+                last = self._alive == 0
+            if last:
+                self._results.put(EditResult(job, None, name, 0.0, prompt, error=f"{name}: {type(error).__name__}: {error}"))
+            else:
+                self._jobs.put(job)
+            return False
+        self._results.put(EditResult(job, edits, name, time.perf_counter() - started, prompt))
+        return True

@@ -233,6 +233,9 @@ class IGS2GSPipeline(VanillaPipeline):
     def set_editing_paused(self, paused: bool) -> None:
         """Hold sweeps back (a running sweep stops after its current batch and resumes later)."""
         self.editing_paused = paused
+        if self.edit_workers is not None and self.config.overlap_edits:
+            # An overlapped sweep queued all its batches at once: hold those not started yet.
+            self.edit_workers.pause(paused)
         self.status = "editing paused" if paused else "editing resumed"
 
     def apply_viewer_requests(self) -> None:
@@ -391,16 +394,18 @@ class IGS2GSPipeline(VanillaPipeline):
 
     def collect_edits(self, step: int) -> None:
         """With ``overlap_edits``: swap in the edits finished since the last step; close the sweep when all
-        are in. At the edit's last step, wait for the rest, so that none is lost."""
+        are in. At the edit's last step, wait for the rest, so that none is lost; if editing is paused
+        then, wait only for the batches being edited, and leave the sweep for a resumed run to finish."""
         current = self._sweep_in_flight
         if current is None or self.edit_workers is None:
             return
         last_step = self.edit_end_step is not None and step >= self.edit_end_step
         while True:
-            self._store_results(current, self.edit_workers.results(block=last_step))
-            if current.done == current.views or not last_step or not self.edit_workers.outstanding:
+            held = self.editing_paused and not self.edit_workers.busy
+            self._store_results(current, self.edit_workers.results(block=last_step and not held))
+            if current.done == current.views or not last_step or not self.edit_workers.outstanding or held:
                 break
-        if current.done == current.views:
+        if current.done == current.views or last_step:
             self._sweep_in_flight = None
             current.close()
 

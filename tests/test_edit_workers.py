@@ -133,3 +133,33 @@ def test_pausing_a_replica_sweep_stops_it_and_unpausing_finishes_it(scene_dir, s
     step_pipeline(trainer, start + 1)
     assert store.load_state().sweeps_completed == 1
     assert stored_equals_working_set(trainer, store) == TRAIN_VIEWS
+
+
+def test_pausing_an_overlapped_sweep_holds_its_queued_batches(scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path):
+    """All batches of an overlapped sweep are queued at once; pausing holds those not started, the edit's
+    last step does not wait for them, and a resumed run finishes the sweep."""
+    first = make_trainer(
+        scene_dir, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, "pause-overlap",
+        overlap_edits=True, ip2p_max_batch_size=1,
+    )
+    pipeline, start = first.pipeline, first._start_step
+    real_submit = pipeline._submit
+
+    def submit_then_pause(current, group):  # the viewer's pause arrives once the first batch is queued
+        real_submit(current, group)
+        pipeline.set_editing_paused(True)
+
+    pipeline._submit = submit_then_pause
+    pipeline.edit_end_step = start + 1
+    step_pipeline(first, start)
+    assert pipeline.edit_workers.outstanding == TRAIN_VIEWS
+    time.sleep(1.0)  # time enough for the editor to run through its queue, were it not held
+    step_pipeline(first, start + 1)  # the last step: returns without the held batches
+    state = first.pipeline.edit_store.load_state()
+    assert state.sweep_in_progress == 0 and state.sweeps_completed == 0 and len(state.views_done) <= 1
+    assert stored_equals_working_set(first, first.pipeline.edit_store) == len(state.views_done)
+
+    second = make_trainer(scene_dir, first.checkpoint_dir, tiny_ip2p_dir, tmp_path, "pause-overlap-resumed")
+    step_pipeline(second, second._start_step)
+    assert second.pipeline.edit_store.load_state().sweeps_completed == 1
+    assert stored_equals_working_set(second, second.pipeline.edit_store) == TRAIN_VIEWS
