@@ -82,6 +82,27 @@ def test_checkpoints_hold_no_editor_weights_and_load_safely(edited_run):
     assert state["step"] == json.loads((run / "igs2gs" / "state.json").read_text())["edit_start_step"] + 12
 
 
+def test_checkpoint_written_in_the_background_holds_the_state_of_its_step(scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path):
+    """Training goes on while a checkpoint is written: the file must hold the tensors as they were at the save."""
+    import threading
+
+    trainer = make_trainer(scene_dir, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, "background-save")
+    means = trainer.pipeline.model.gauss_params["means"]
+    expected = means.detach().clone()
+    release, real_write = threading.Event(), trainer._write_checkpoint
+    trainer._write_checkpoint = lambda step, state: release.wait(30) and real_write(step, state)
+    trainer.save_checkpoint(trainer._start_step)
+    with torch.no_grad():
+        means.add_(1.0)  # the next optimizer step, before the writer got to run
+    path = trainer.checkpoint_dir / f"step-{trainer._start_step:09d}.ckpt"
+    assert not path.exists()
+    release.set()
+    trainer.wait_for_checkpoint()
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    assert torch.equal(state["pipeline"]["_model.gauss_params.means"], expected)
+    assert not list(trainer.checkpoint_dir.glob(".*.tmp"))
+
+
 def test_export_and_render_work_without_the_editor(edited_run, private_ip2p, tmp_path):
     run, _ = edited_run
     shutil.rmtree(private_ip2p)  # an export or render that tried to load IP2P would now fail

@@ -71,6 +71,7 @@ def test_resume_uses_the_settings_last_set_in_the_viewer(scene_dir, splatfacto_r
     trainer.pipeline.request_settings("make it glass", 9.0, 1.5)
     step_pipeline(trainer, trainer._start_step)
     trainer.save_checkpoint(trainer._start_step)
+    trainer.wait_for_checkpoint()
     resumed = make_trainer(scene_dir, trainer.checkpoint_dir, tiny_ip2p_dir, tmp_path, "second", gs_steps=5)
     assert resumed.pipeline.prompt == "make it glass" and resumed.pipeline.config.guidance_scale == 9.0
 
