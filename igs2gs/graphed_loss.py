@@ -26,16 +26,16 @@ class _LossGraph:
         with torch.no_grad():  # warm up and capture on real values: no NaN paths in the warm-up
             self.prediction.copy_(prediction)
             self.target.copy_(target)
-        device = prediction.device
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # lazy cuDNN/cuBLAS set-up must happen outside the capture
-            for _ in range(warmup):
-                self._loss_and_gradient(loss_fn)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self.loss, self.gradient = self._loss_and_gradient(loss_fn)
+        with torch.cuda.device(prediction.device):  # the capture stream is made on the current device
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # lazy cuDNN/cuBLAS set-up must happen outside the capture
+                for _ in range(warmup):
+                    self._loss_and_gradient(loss_fn)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                self.loss, self.gradient = self._loss_and_gradient(loss_fn)
 
     def _loss_and_gradient(self, loss_fn: LossFunction) -> Tuple[Tensor, Tensor]:
         loss = loss_fn(self.prediction, self.target)
@@ -43,11 +43,11 @@ class _LossGraph:
         return loss.detach(), gradient
 
     def replay(self, prediction: Tensor, target: Tensor) -> Tuple[Tensor, Tensor]:
-        with torch.no_grad():
+        with torch.no_grad(), torch.cuda.device(self.prediction.device):
             self.prediction.copy_(prediction)
             self.target.copy_(target)
-        self.graph.replay()
-        return self.loss.clone(), self.gradient.clone()
+            self.graph.replay()
+            return self.loss.clone(), self.gradient.clone()
 
 
 class _Replayed(torch.autograd.Function):
