@@ -346,11 +346,11 @@ class IGS2GSPipeline(VanillaPipeline):
             self.model.train(was_training)
         current.close()
 
-    def _edit_in_turn(self, current: Sweep, groups: List[List[int]]) -> None:
-        """One editor, training waiting (the reference's behaviour): render a batch, edit it, store it."""
+    @contextlib.contextmanager
+    def _progress_bar(self, current: Sweep):
+        """The sweep's console progress bar (views done, edits/s, ETA); yields the function that redraws it."""
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        assert self.editor is not None
         columns = (
             TextColumn(f"[bold]igs2gs sweep {current.index + 1}"),
             BarColumn(),
@@ -360,6 +360,12 @@ class IGS2GSPipeline(VanillaPipeline):
         )
         with Progress(*columns, console=CONSOLE) as progress:
             task = progress.add_task("sweep", total=current.views, completed=current.done, rate=0.0)
+            yield lambda: progress.update(task, completed=current.done, rate=current.rate)
+
+    def _edit_in_turn(self, current: Sweep, groups: List[List[int]]) -> None:
+        """One editor, training waiting (the reference's behaviour): render a batch, edit it, store it."""
+        assert self.editor is not None
+        with self._progress_bar(current) as show_progress:
             for group in groups:
                 self.apply_viewer_requests()
                 if self.editing_paused:
@@ -376,21 +382,23 @@ class IGS2GSPipeline(VanillaPipeline):
                         **self._edit_kwargs(),
                     )
                 current.store(group, renders, edits, time.perf_counter() - started)
-                progress.update(task, completed=current.done, rate=current.rate)
+                show_progress()
 
     def _edit_on_replicas(self, current: Sweep, groups: List[List[int]]) -> None:
         """Several editors: keep each busy (two batches queued per replica), store edits as they come back."""
         assert self.edit_workers is not None
         waiting = list(groups)
-        while waiting or self.edit_workers.outstanding:
-            self.apply_viewer_requests()
-            while waiting and not self.editing_paused and self.edit_workers.outstanding < 2 * len(self.editors):
-                self._submit(current, waiting.pop(0))
-            if not self.edit_workers.outstanding:  # paused with nothing in flight: the sweep resumes later
-                break
-            with self._viewer_unlocked():
-                finished = self.edit_workers.results(block=True)
-            self._store_results(current, finished)
+        with self._progress_bar(current) as show_progress:
+            while waiting or self.edit_workers.outstanding:
+                self.apply_viewer_requests()
+                while waiting and not self.editing_paused and self.edit_workers.outstanding < 2 * len(self.editors):
+                    self._submit(current, waiting.pop(0))
+                if not self.edit_workers.outstanding:  # paused with nothing in flight: the sweep resumes later
+                    break
+                with self._viewer_unlocked():
+                    finished = self.edit_workers.results(block=True)
+                self._store_results(current, finished)
+                show_progress()
 
     def collect_edits(self, step: int) -> None:
         """With ``overlap_edits``: swap in the edits finished since the last step; close the sweep when all

@@ -163,3 +163,22 @@ def test_pausing_an_overlapped_sweep_holds_its_queued_batches(scene_dir, splatfa
     step_pipeline(second, second._start_step)
     assert second.pipeline.edit_store.load_state().sweeps_completed == 1
     assert stored_equals_working_set(second, second.pipeline.edit_store) == TRAIN_VIEWS
+
+
+@pytest.mark.parametrize("devices", [None, "cpu,cpu"])
+def test_a_sweep_shows_its_progress_bar(scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path, monkeypatch, devices):
+    """One editor or several replicas, training waiting: the console shows views done, edits/s and an ETA."""
+    import io
+
+    from rich.console import Console
+
+    import igs2gs.pipeline
+
+    output = io.StringIO()
+    monkeypatch.setattr(igs2gs.pipeline, "CONSOLE", Console(file=output, width=160, force_terminal=False))
+    trainer = make_trainer(
+        scene_dir, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, f"progress-{devices}", ip2p_devices=devices,
+    )
+    step_pipeline(trainer, trainer._start_step)
+    shown = output.getvalue()
+    assert "igs2gs sweep 1" in shown and f"{TRAIN_VIEWS}/{TRAIN_VIEWS} views" in shown and "edits/s" in shown, shown
