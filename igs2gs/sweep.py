@@ -85,6 +85,7 @@ class Sweep:
         store.save_state(state)
         self.timings["total_s"] = time.perf_counter() - self.started
         self.timings["views"] = float(len(self.todo))
+        self.timings["step"] = float(self.step)
         pipeline.sweep_timings.append(self.timings)
         if self.sheet_rows:
             sheet = np.concatenate(self.sheet_rows, axis=0)

@@ -23,11 +23,14 @@ import sys
 import time
 from pathlib import Path
 
+from typing import Dict, List, Sequence
+
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from edit_run import edit_trainer  # noqa: E402
+from nerfstudio.engine.callbacks import TrainingCallback, TrainingCallbackLocation  # noqa: E402
 
 
 class ShadowEditor:
@@ -39,6 +42,27 @@ class ShadowEditor:
     def edit(self, renders, originals, prompt, **settings):
         self.timed.edit(renders, originals, prompt, **settings)
         return self.oracle.edit(renders, originals, prompt, **settings)
+
+
+def step_time_profile(ends: List[float], first_step: int, sweep_steps: Sequence[int]) -> Dict[str, object]:
+    """Where training time goes, from the wall-clock end of each step (``ends[i]`` ends step ``first_step + i``).
+
+    Steps that ran a sweep are left out; ``excess_s`` is what the other steps took beyond the median
+    step (checkpoint saves, the steps after a sweep, graph capture), ``slowest`` names them.
+    """
+    sweeps = set(sweep_steps)
+    durations = [(first_step + i, ends[i] - ends[i - 1]) for i in range(1, len(ends)) if first_step + i not in sweeps]
+    if not durations:
+        return {}
+    ordered = sorted(seconds for _, seconds in durations)
+    median = ordered[len(ordered) // 2]
+    slowest = sorted(durations, key=lambda item: item[1], reverse=True)[:10]
+    return {
+        "median_ms": 1000 * median,
+        "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
+        "excess_s": sum(seconds - median for _, seconds in durations if seconds > median),
+        "slowest": [{"step": step, "ms": round(1000 * seconds, 1)} for step, seconds in slowest],
+    }
 
 
 def reference_s_per_view(pipeline, model: str, views: int) -> float:
@@ -101,6 +125,10 @@ def main() -> None:
         trainer.pipeline.editor = ShadowEditor(trainer.pipeline.editor, OracleEditor(OracleEditorConfig(transform="invert"), "cuda"))
     setup_s = time.perf_counter() - started
     gaussians_at_load = trainer.pipeline.model.num_points
+    step_ends: List[float] = []
+    trainer.callbacks.append(
+        TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], lambda step: step_ends.append(time.perf_counter()), update_every_num_iters=1)
+    )
     torch.cuda.reset_peak_memory_stats()
     train_started = time.perf_counter()
     trainer.train()
@@ -134,6 +162,7 @@ def main() -> None:
         "lpips": ("float32" if args.lpips_fp32 else "bf16") + (" eager" if args.lpips_eager else " CUDA graph"),
         "ip2p_devices": args.ip2p_devices,
         "sweep_s_means": "time training waited for sweeps (render + swap with --overlap)",
+        "step_times": step_time_profile(step_ends, trainer._start_step, [int(s["step"]) for s in sweeps]),
     }
     if args.reference_views:
         per_view = reference_s_per_view(trainer.pipeline, args.ip2p_model, args.reference_views)
