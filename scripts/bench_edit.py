@@ -22,7 +22,6 @@ import json
 import sys
 import time
 from pathlib import Path
-
 from typing import Dict, List, Sequence
 
 import torch

@@ -110,6 +110,9 @@ def main() -> None:
     parser.add_argument("--variants", default="bfloat16,compiled", help="variant rows to time")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if args.compile_batch and unknown:
+        parser.error(f"unknown --variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
     if not torch.cuda.is_available():
         sys.exit("bench_ip2p.py needs a CUDA GPU")
     dtype = getattr(torch, args.dtype)
