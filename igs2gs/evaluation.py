@@ -45,14 +45,14 @@ def held_out_targets(pipeline, transform: Optional[str] = None) -> List[Tensor]:
 
 
 @torch.no_grad()
-def held_out_metrics(pipeline, transform: Optional[str] = None, renders: Optional[List[Tensor]] = None) -> Dict[str, float]:
-    """Mean PSNR, SSIM and LPIPS of the eval renders (made now unless given) against their photos,
-    oracle-remapped if ``transform`` is given. PSNR is of the mean squared error over all views."""
+def held_out_metrics(pipeline, targets: List[Tensor], renders: Optional[List[Tensor]] = None) -> Dict[str, float]:
+    """Mean PSNR, SSIM and LPIPS of the eval renders (made now unless given) against ``targets``
+    (``held_out_targets``). PSNR is of the mean squared error over all views."""
     from torchmetrics.functional.image import structural_similarity_index_measure
 
     renders = held_out_renders(pipeline) if renders is None else renders
     squared, ssims, lpipses = [], [], []
-    for render, target in zip(renders, held_out_targets(pipeline, transform)):
+    for render, target in zip(renders, targets):
         ours, theirs = render.permute(2, 0, 1)[None], target.to(render.device).permute(2, 0, 1)[None]
         squared.append(torch.mean((ours - theirs) ** 2).item())
         ssims.append(structural_similarity_index_measure(ours, theirs, data_range=1.0).item())

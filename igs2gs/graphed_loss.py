@@ -75,8 +75,9 @@ class GraphedLoss:
         self._graphs: Dict[Tuple, Optional[_LossGraph]] = {}
 
     def __call__(self, prediction: Tensor, target: Tensor) -> Tensor:
-        graph = self._graph_for(prediction, target)
-        if graph is None or not torch.is_grad_enabled():
+        # Without grad mode there is no gradient to capture: eager, and no graph attempt spoiled for the shape.
+        graph = self._graph_for(prediction, target) if torch.is_grad_enabled() else None
+        if graph is None:
             return self.loss_fn(prediction, target)
         return _Replayed.apply(prediction, target, graph)
 

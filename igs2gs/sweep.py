@@ -71,8 +71,8 @@ class Sweep:
             render = to_uint8(renders[index].permute(1, 2, 0))
             self.sheet_rows.append(np.concatenate([original.cpu().numpy(), render.cpu().numpy(), stored[index]], axis=1))
 
-    def close(self) -> bool:
-        """Wait for the writes; if every view is in, mark the sweep complete and write its sheet. True when complete."""
+    def close(self) -> None:
+        """Wait for the writes; if every view is in, mark the sweep complete and write its sheet."""
         waited = time.perf_counter()
         for write in self.writes:
             write.result()  # re-raise a failed write here rather than lose it silently
@@ -80,7 +80,7 @@ class Sweep:
         pipeline, state, store = self.pipeline, self.pipeline.sweep_state, self.pipeline.edit_store
         if self.done < self.views:  # paused from the viewer: the sweep resumes when editing resumes
             CONSOLE.log(f"igs2gs sweep {self.index + 1} paused after {self.done} views")
-            return False
+            return
         state.sweeps_completed, state.sweep_in_progress, state.views_done = self.index + 1, None, []
         store.save_state(state)
         self.timings["total_s"] = time.perf_counter() - self.started
@@ -98,4 +98,3 @@ class Sweep:
             f"instruction {pipeline.prompt!r}"
         )
         pipeline.status = f"sweep {self.index + 1} of {self.planned} done"
-        return True

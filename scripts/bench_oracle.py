@@ -91,9 +91,9 @@ def run(
             group["lr"] = features_lr
     start_step = trainer._start_step
     before = held_out_renders(pipeline)
-    ceiling = held_out_metrics(pipeline, renders=before)
-    history = [{"step": start_step, **held_out_metrics(pipeline, transform, renders=before)}]
     photos, targets = held_out_targets(pipeline), held_out_targets(pipeline, transform)
+    ceiling = held_out_metrics(pipeline, photos, renders=before)
+    history = [{"step": start_step, **held_out_metrics(pipeline, targets, renders=before)}]
     last_step = trainer.config.max_num_iterations + start_step - 1
 
     latest = {"renders": before}
@@ -101,7 +101,7 @@ def run(
     def score(step: int) -> None:
         if step == last_step or (step - start_step + 1) % gs_steps == 0:  # the end of a sweep's training period
             latest["renders"] = held_out_renders(pipeline)
-            history.append({"step": step, **held_out_metrics(pipeline, transform, renders=latest["renders"])})
+            history.append({"step": step, **held_out_metrics(pipeline, targets, renders=latest["renders"])})
             print(f"step {step}: held-out PSNR vs oracle {history[-1]['psnr']:.2f} dB (ceiling {ceiling['psnr']:.2f})")
 
     trainer.callbacks.append(TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], score, update_every_num_iters=1))
