@@ -8,13 +8,15 @@ the loss sees is exactly what the edit store writes to disk.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Dict, List, Literal, Sequence, Type
+from typing import Dict, List, Literal, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import Tensor
 
+from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.data.datamanagers.full_images_datamanager import FullImageDatamanager, FullImageDatamanagerConfig
 from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
 
@@ -22,6 +24,37 @@ from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataPars
 def to_uint8(images: Tensor) -> Tensor:
     """Float images in [0, 1] to uint8 (round to nearest)."""
     return (images.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+class ViewCamera(Cameras):
+    """One training view's camera, made once and handed out (shallow-copied) every time the view is drawn.
+
+    Per step, splatfacto rescales the camera by 1/1 and back, rebuilds the intrinsics on the CPU
+    from device tensors and reads the image size with ``.item()``: nine host-device syncs and ~1 ms
+    of host time for nothing at full resolution. Here the size stays on the CPU, the intrinsics are
+    built once on the device, and a rescale by 1 is skipped (by another factor, the copy is rescaled
+    as nerfstudio does; the cached camera is never changed).
+    """
+
+    _intrinsics: Optional[Tensor] = None
+
+    @classmethod
+    def of(cls, camera: Cameras, device: torch.device) -> "ViewCamera":
+        view = copy.copy(camera.to(device))
+        view.__class__ = cls
+        view.width, view.height = camera.width.cpu(), camera.height.cpu()
+        view._intrinsics = Cameras.get_intrinsics_matrices(view).to(device)
+        return view
+
+    def rescale_output_resolution(self, scaling_factor, scale_rounding_mode: str = "floor") -> None:
+        if isinstance(scaling_factor, (int, float)) and scaling_factor == 1:
+            return
+        self.width, self.height = self.width.to(self.device), self.height.to(self.device)
+        self._intrinsics = None
+        super().rescale_output_resolution(scaling_factor, scale_rounding_mode)
+
+    def get_intrinsics_matrices(self) -> Tensor:
+        return self._intrinsics if self._intrinsics is not None else super().get_intrinsics_matrices()
 
 
 @dataclass
@@ -45,6 +78,24 @@ class IGS2GSDataManager(FullImageDatamanager):
         if cache_images_device == "cpu" and not torch.cuda.is_available():
             cache_images_device = "gpu"
         return super()._load_images(split, cache_images_device)
+
+    def next_train(self, step: int) -> Tuple[Cameras, Dict]:
+        """nerfstudio's next training view and image, with the view's camera from a per-view cache."""
+        view = self.train_unseen_cameras.pop(0)
+        if not self.train_unseen_cameras:
+            self.train_unseen_cameras = self.sample_train_cameras()
+        data = dict(self.cached_train[view])  # a copy: the cache entry must not change
+        data["image"] = data["image"].to(self.device)
+        return copy.copy(self._view_cameras[view]), data
+
+    @cached_property
+    def _view_cameras(self) -> List[ViewCamera]:
+        cameras = []
+        for view in range(len(self.train_cameras)):
+            camera = ViewCamera.of(self.train_cameras[view : view + 1], torch.device(self.device))
+            camera.metadata = {**(camera.metadata or {}), "cam_idx": view}
+            cameras.append(camera)
+        return cameras
 
     @cached_property
     def original_images(self) -> List[Tensor]:

@@ -19,6 +19,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from igs2gs.graphed_loss import CAPTURE_GATE
+
 
 @dataclass
 class EditJob:
@@ -135,7 +137,8 @@ class EditWorkers:
         started = time.perf_counter()
         prompt, settings = self.settings()
         try:
-            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            # Shared with the other editors; a CUDA graph capture in the training thread waits for it.
+            with CAPTURE_GATE.shared(), torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                 edits = editor.edit(
                     job.renders.to(device), job.originals.to(device), prompt,
                     generator=job.generators, cond_keys=list(job.views), **settings,

@@ -2,19 +2,64 @@
 
 The LPIPS loss of a 512² view launches ~100 small kernels forward and backward: ~6 ms per step on
 an H100 of which the GPU is busy ~1.3 ms. Capturing the loss *and* its gradient with respect to
-the prediction in one graph per image size turns that into one launch. Capture runs in
-``thread_local`` mode, so an editor thread may keep launching its own kernels meanwhile.
+the prediction in one graph per image size turns that into one launch.
+
+A capture fails (and spoils the other thread's work) when another thread makes a call that is
+illegal while a stream captures: cuDNN autotuning (``ns-train`` turns it on), a device-wide sync,
+a copy on the legacy stream. Editor threads therefore edit inside ``CAPTURE_GATE.shared()`` and a
+capture waits for them in ``CAPTURE_GATE.exclusive()`` (once per image size, for at most a batch).
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import warnings
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 LossFunction = Callable[[Tensor, Tensor], Tensor]
+
+
+class CaptureGate:
+    """Many threads' GPU work, or one CUDA graph capture, at a time; a waiting capture goes first."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._sharing = 0
+        self._captures_waiting = 0
+        self._capturing = False
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._condition:
+            self._condition.wait_for(lambda: not self._capturing and not self._captures_waiting)
+            self._sharing += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._sharing -= 1
+                self._condition.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._condition:
+            self._captures_waiting += 1
+            self._condition.wait_for(lambda: not self._capturing and not self._sharing)
+            self._captures_waiting -= 1
+            self._capturing = True
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._capturing = False
+                self._condition.notify_all()
+
+
+CAPTURE_GATE = CaptureGate()
 
 
 class _LossGraph:
@@ -34,7 +79,7 @@ class _LossGraph:
                     self._loss_and_gradient(loss_fn)
             torch.cuda.current_stream().wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            with CAPTURE_GATE.exclusive(), torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                 self.loss, self.gradient = self._loss_and_gradient(loss_fn)
 
     def _loss_and_gradient(self, loss_fn: LossFunction) -> Tuple[Tensor, Tensor]:

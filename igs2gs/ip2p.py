@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, Hashable, List, Optional, Sequence, Tuple, Union
@@ -108,6 +109,11 @@ def _content_key(image: Tensor) -> str:
     return hashlib.sha1(quantized.tobytes() + str(quantized.shape).encode()).hexdigest()
 
 
+def _padded(rows: Tensor, count: int) -> Tensor:
+    """``rows`` with its last row repeated ``count`` more times."""
+    return torch.cat([rows, rows[-1:].expand(count, *rows.shape[1:])]) if count else rows
+
+
 class InstructPix2Pix:
     """A loaded InstructPix2Pix model and the caches that make repeated sweeps cheap.
 
@@ -137,8 +143,14 @@ class InstructPix2Pix:
         self.max_batch_size = max_batch_size
         self.cache_conditioning = cache_conditioning
         self.vae_batch_size = max(1, vae_batch_size)
-        # The UNet is >95% of an edit's FLOPs; compiled per batch shape (the sweep keeps batches even).
+        # The UNet is >95% of an edit's FLOPs, the VAE decoder most of the rest. Both are compiled for
+        # one batch shape: ``fixed_batch`` (set by the first batch or ``warm_up``) pads smaller batches.
+        self.compiled = compile_unet
         self._unet = torch.compile(self.unet, dynamic=False) if compile_unet else self.unet
+        if compile_unet:
+            self.vae.decoder.compile(dynamic=False)
+        self.fixed_batch: Optional[int] = None
+        """Edit batches smaller than this are padded up to it (their extra rows discarded)."""
         self.batch_size: Optional[int] = None  # set when an out-of-memory error forced a smaller batch
         self._prompt_embeddings: "OrderedDict[str, Tensor]" = OrderedDict()
         self._condition_latents: Dict[Hashable, Tensor] = {}
@@ -333,6 +345,26 @@ class InstructPix2Pix:
             limit = min(limit, int(0.8 * free // (EDIT_BYTES_512 * max(1.0, pixels / 512**2))))
         return max(1, min(limit, count))
 
+    def warm_up(self, batch: int, height: int, width: int, prompt: str) -> float:
+        """One throw-away edit of ``batch`` random views of this size; returns its seconds.
+
+        With ``compile_unet`` this is when torch compiles (or loads from its cache) the UNet and the
+        VAE decoder for that batch shape, so that it happens at set-up rather than in the first
+        sweep, and in the main thread rather than in an editor thread.
+        """
+        started = time.perf_counter()
+        generator = torch.Generator().manual_seed(0)
+        images = torch.rand(2, batch, 3, height, width, generator=generator).to(self.device)
+        keys = [("warm-up", index) for index in range(batch)]
+        encodings = self.condition_encodings
+        self.edit(images[0], images[1], prompt, generator=generator, cond_keys=keys)
+        for key in keys:
+            self._condition_latents.pop(key, None)
+        self.condition_encodings = encodings
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - started
+
     def edit(
         self,
         renders: Tensor,
@@ -387,27 +419,32 @@ class InstructPix2Pix:
 
         outputs: List[Tensor] = []
         batch = self._first_batch_size(count, unet_height * unet_width)
+        if self.compiled and self.fixed_batch is None:
+            self.fixed_batch = batch
         done = 0
         while done < count:
             part = slice(done, min(count, done + batch))
+            rows = part.stop - part.start
+            pad = max(0, (self.fixed_batch or 0) - rows)
             try:
-                outputs.append(
-                    self._edit_batch(
-                        renders_in[part],
-                        condition[part],
-                        embeddings,
-                        starts[part],
-                        vae_noise[part],
-                        noise[part],
-                        guidance_scale,
-                        image_guidance_scale,
-                        diffusion_steps,
-                    )
+                edited = self._edit_batch(
+                    _padded(renders_in[part], pad),
+                    _padded(condition[part], pad),
+                    embeddings,
+                    starts[part] + starts[part][-1:] * pad,
+                    _padded(vae_noise[part], pad),
+                    _padded(noise[part], pad),
+                    guidance_scale,
+                    image_guidance_scale,
+                    diffusion_steps,
                 )
+                outputs.append(edited[:rows])
             except Exception as error:  # noqa: BLE001 - only out-of-memory is retried
                 if not _is_out_of_memory(error) or batch == 1:
                     raise
                 batch = self.batch_size = max(1, batch // 2)
+                if self.fixed_batch is not None:
+                    self.fixed_batch = batch
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 continue

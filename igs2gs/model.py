@@ -77,6 +77,15 @@ class DeferredLPIPSMetric(nn.Module):
         return self.network(images.device)(images, targets, normalize=True).mean()
 
 
+class BatchPSNR(nn.Module):
+    """PSNR of one call's images (data range 1), as torchmetrics' PSNR returns per call, without
+    its accumulated state: splatfacto logs the training PSNR every step, and the metric's state
+    bookkeeping cost ~1 ms of host time per step (~7 s of a 7500-step edit)."""
+
+    def forward(self, preds: Tensor, target: Tensor) -> Tensor:
+        return -10 * torch.log10(torch.mean((preds.float() - target.float()) ** 2))
+
+
 @dataclass
 class IGS2GSModelConfig(SplatfactoModelConfig):
     """Splatfacto as Instruct-GS2GS trains it on edited views."""
@@ -126,6 +135,7 @@ class IGS2GSModel(SplatfactoModel):
             colours = seed_colours.float() / 255
             features = RGB2SH(colours) if self.config.sh_degree > 0 else torch.logit(colours, eps=1e-10)
             self.gauss_params["features_dc"].data.copy_(features)
+        self.psnr = BatchPSNR()
         self.refine_origin = 0
         self._graphed_lpips: Optional[GraphedLoss] = None  # built on the first CUDA training step
 

@@ -12,7 +12,9 @@ import contextlib
 import math
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
+from concurrent import futures
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Dict, List, Literal, Optional, Protocol, Sequence, Tuple, Type
 
@@ -81,9 +83,9 @@ class IGS2GSPipelineConfig(VanillaPipelineConfig):
     ip2p_cpu_offload: bool = False
     """Keep the editor's sub-models on the CPU until used (for GPUs with little memory; much slower)."""
     ip2p_max_batch_size: Optional[int] = None
-    """Most views edited at once; default: as many as free GPU memory allows (an out-of-memory error halves it)."""
+    """Most views edited at once; default: 16, or fewer if free GPU memory asks (an out-of-memory error halves it)."""
     ip2p_compile: bool = False
-    """Compile the editor's UNet with torch.compile (CUDA): faster edits after about a minute of compilation per batch shape, cached by torch between runs."""
+    """Compile the editor's UNet and VAE decoder with torch.compile (CUDA) at set-up, for the sweeps' batch shape: faster edits after about a minute of compilation, cached by torch between runs."""
     edit_seed: int = 0
     """Seed of the edit noise; each (sweep, view) gets its own stream, so a resumed sweep makes the same edits."""
     sheet_views: int = 4
@@ -136,6 +138,7 @@ class IGS2GSPipeline(VanillaPipeline):
         self._requested_settings: Optional[Dict[str, object]] = None
         self._sweep_requested = False
         self._persist: Optional[ThreadPoolExecutor] = None
+        self.pending_writes: List[Future] = []  # edit, state and sheet writes queued on the persist thread
         self.editors: List[Editor] = []
         self.edit_workers: Optional[EditWorkers] = None
         self._sweep_in_flight: Optional[Sweep] = None
@@ -144,12 +147,9 @@ class IGS2GSPipeline(VanillaPipeline):
             from igs2gs.viewer_controls import EditControls
 
             devices = [d.strip() for d in (config.ip2p_devices or config.ip2p_device or str(self.device)).split(",") if d.strip()]
-            if config.ip2p_compile and (len(devices) > 1 or config.overlap_edits):
-                raise ValueError(
-                    "--pipeline.ip2p-compile cannot be combined with --pipeline.overlap-edits or several "
-                    "--pipeline.ip2p-devices: torch.compile is not thread-safe, and those run the editor in threads."
-                )
             self.editors = [self._load_editor(device) for device in devices]
+            if config.ip2p_compile and config.editor == "ip2p":
+                self._compile_editors()
             self.editor = self.editors[0]
             if len(self.editors) > 1 or config.overlap_edits:
                 self.edit_workers = EditWorkers(self.editors, lambda: (self.prompt, self._edit_kwargs()))
@@ -170,6 +170,24 @@ class IGS2GSPipeline(VanillaPipeline):
             max_batch_size=self.config.ip2p_max_batch_size,
             compile_unet=self.config.ip2p_compile,
         )
+
+    def _compile_editors(self) -> None:
+        """Compile each editor for the sweeps' batch shape now, in this thread: torch.compile is not
+        thread-safe, and overlapped or multi-device sweeps edit in threads."""
+        sizes = Counter(tuple(image.shape[:2]) for image in self.datamanager.original_images)
+        (height, width), views = sizes.most_common(1)[0]
+        batch = min(self.edit_batch_limit, views)
+        for editor in self.editors:
+            if getattr(editor, "compiled", False):
+                CONSOLE.log(f"Compiling InstructPix2Pix on {editor.device} for batches of {batch} {width}x{height} views")
+                seconds = editor.warm_up(batch, height, width, self.prompt)
+                CONSOLE.log(f"Compiled in {seconds:.1f} s (torch caches it for the next run)")
+
+    @property
+    def edit_batch_limit(self) -> int:
+        """Views per edit batch. 16 512² views take 5.7 GB of editor memory (batch 8: 4.6 GB) and are
+        5% faster per edit eager, 9% compiled, on an H100."""
+        return self.config.ip2p_max_batch_size or 16
 
     @property
     def editor_device(self) -> torch.device:
@@ -309,6 +327,7 @@ class IGS2GSPipeline(VanillaPipeline):
 
     # ------------------------------------------------------------------------- training
     def get_train_loss_dict(self, step: int):
+        self.raise_failed_writes()
         self.collect_edits(step)
         self.apply_viewer_requests()
         sweep = self.sweep_due(step)
@@ -330,7 +349,7 @@ class IGS2GSPipeline(VanillaPipeline):
         assert self.editor is not None and self.edit_store is not None and self.sweep_state is not None
         current = Sweep(self, sweep, step, self._persist_thread())
         sizes = [tuple(image.shape[:2]) for image in self.datamanager.original_images]
-        groups = _size_groups(current.todo, sizes, self.config.ip2p_max_batch_size or 8)
+        groups = _size_groups(current.todo, sizes, self.edit_batch_limit)
         was_training = self.model.training
         try:
             if self.edit_workers is None:
@@ -446,6 +465,16 @@ class IGS2GSPipeline(VanillaPipeline):
             "lower_bound": self.config.lower_bound,
             "upper_bound": self.config.upper_bound,
         }
+
+    def raise_failed_writes(self, wait: bool = False) -> None:
+        """Re-raise the first failed write (a full disk must stop the run, not lose edits silently);
+        with ``wait``, first wait until everything queued is on disk."""
+        if wait:
+            futures.wait(self.pending_writes)
+        finished = [write for write in self.pending_writes if write.done()]
+        self.pending_writes = [write for write in self.pending_writes if not write.done()]
+        for write in finished:
+            write.result()
 
     def _persist_thread(self) -> ThreadPoolExecutor:
         """The one thread that writes edits and progress, in order (edits of a batch before the state that counts them)."""

@@ -8,14 +8,15 @@ order from several editor replicas, also while training goes on (``overlap_edits
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Dict, List, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from igs2gs.datamanager import to_uint8
+from igs2gs.edit_store import EditStore, SweepState
 from nerfstudio.utils import writer
 from nerfstudio.utils.rich_utils import CONSOLE
 
@@ -37,7 +38,6 @@ class Sweep:
         self.planned = max(index + 1, pipeline.planned_sweeps())
         self.timings: Dict[str, float] = {"render_s": 0.0, "edit_s": 0.0, "swap_s": 0.0}
         self.sheet_rows: List[np.ndarray] = []
-        self.writes: List[Future] = []
         self.started = time.perf_counter()
 
     @property
@@ -55,7 +55,7 @@ class Sweep:
         pipeline, state = self.pipeline, self.pipeline.sweep_state
         stored = pipeline.datamanager.replace(list(views), edits).cpu().numpy()
         state.views_done.extend(views)
-        self.writes.append(self.persist.submit(pipeline.edit_store.save_edits, list(views), stored, state.snapshot()))
+        pipeline.pending_writes.append(self.persist.submit(pipeline.edit_store.save_edits, list(views), stored, state.snapshot()))
         self._add_sheet_rows(views, renders, stored)
         self.timings["edit_s"] += edit_seconds
         self.timings["swap_s"] += time.perf_counter() - started
@@ -72,24 +72,21 @@ class Sweep:
             self.sheet_rows.append(np.concatenate([original.cpu().numpy(), render.cpu().numpy(), stored[index]], axis=1))
 
     def close(self) -> None:
-        """Wait for the writes; if every view is in, mark the sweep complete and write its sheet."""
-        waited = time.perf_counter()
-        for write in self.writes:
-            write.result()  # re-raise a failed write here rather than lose it silently
-        self.timings["swap_s"] += time.perf_counter() - waited
+        """Mark the sweep complete if every view is in, and queue its state and sheet behind the edit
+        writes: the training thread does not wait for PNG encoding (a failed write is raised by
+        ``raise_failed_writes`` at a later step)."""
         pipeline, state, store = self.pipeline, self.pipeline.sweep_state, self.pipeline.edit_store
         if self.done < self.views:  # paused from the viewer: the sweep resumes when editing resumes
             CONSOLE.log(f"igs2gs sweep {self.index + 1} paused after {self.done} views")
             return
         state.sweeps_completed, state.sweep_in_progress, state.views_done = self.index + 1, None, []
-        store.save_state(state)
         self.timings["total_s"] = time.perf_counter() - self.started
         self.timings["views"] = float(len(self.todo))
         self.timings["step"] = float(self.step)
         pipeline.sweep_timings.append(self.timings)
-        if self.sheet_rows:
-            sheet = np.concatenate(self.sheet_rows, axis=0)
-            store.save_sheet(self.index, sheet)
+        sheet = np.concatenate(self.sheet_rows, axis=0) if self.sheet_rows else None
+        pipeline.pending_writes.append(self.persist.submit(self._write_completion, store, state.snapshot(), sheet))
+        if sheet is not None:
             writer.put_image(name=f"igs2gs/before_after_sweep_{self.index:02d}", image=torch.from_numpy(sheet) / 255.0, step=self.step)
         timings = self.timings
         CONSOLE.log(
@@ -98,3 +95,8 @@ class Sweep:
             f"instruction {pipeline.prompt!r}"
         )
         pipeline.status = f"sweep {self.index + 1} of {self.planned} done"
+
+    def _write_completion(self, store: EditStore, state: SweepState, sheet: Optional[np.ndarray]) -> None:
+        store.save_state(state)
+        if sheet is not None:
+            store.save_sheet(self.index, sheet)

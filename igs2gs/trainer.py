@@ -17,7 +17,7 @@ import re
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Literal, Optional, Type
+from typing import Any, Dict, List, Literal, Optional, Sequence, Type
 
 import numpy as np
 import torch
@@ -48,6 +48,27 @@ def detached_state(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     return value
+
+
+def use_fused_adam(optimizers: Dict[str, torch.optim.Optimizer], device_types: Sequence[str] = ("cuda",)) -> List[str]:
+    """Switch Adam optimizers to torch's fused kernel, keeping their state (the same update).
+
+    A splatfacto step runs one Adam per Gaussian attribute; the default multi-tensor Adam launches
+    about a dozen kernels for each, the fused one a single kernel. Applied after a checkpoint's
+    state is loaded (loading restores the saved ``fused`` flag). Returns the names switched.
+    """
+    switched = []
+    for name, optimizer in optimizers.items():
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        if type(optimizer) is not torch.optim.Adam or not params or any(p.device.type not in device_types for p in params):
+            continue
+        for group in optimizer.param_groups:
+            group["fused"], group["foreach"] = True, False
+        for state in optimizer.state.values():  # the fused kernel counts steps on the device
+            if "step" in state:
+                state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(params[0].device)
+        switched.append(name)
+    return switched
 
 
 class CheckpointError(ValueError):
@@ -129,6 +150,8 @@ class IGS2GSTrainerConfig(TrainerConfig):
     _target: Type = field(default_factory=lambda: IGS2GSTrainer)
     restart_schedules: bool = True
     """Start the learning-rate schedules afresh at the loaded step (a finished splatfacto run has decayed the position LR to its floor, which would freeze the geometry)."""
+    fused_adam: bool = True
+    """Step the splats' Adam optimizers with torch's fused kernel on CUDA (one kernel per attribute instead of about a dozen; the same update)."""
 
 
 class IGS2GSTrainer(Trainer):
@@ -171,6 +194,8 @@ class IGS2GSTrainer(Trainer):
         # The stale-optimizer fix: build the optimizers on the parameters that now exist.
         self.optimizers = self.setup_optimizers()
         self.optimizers.load_optimizers(state["optimizers"])
+        if self.config.fused_adam:
+            use_fused_adam(self.optimizers.optimizers)
         if "schedulers" in state and (resuming or not self.config.restart_schedules):
             self.optimizers.load_schedulers(state["schedulers"])
         self.grad_scaler.load_state_dict(state["scalers"])
@@ -227,3 +252,4 @@ class IGS2GSTrainer(Trainer):
     def _after_train(self) -> None:
         super()._after_train()  # saves the last checkpoint
         self.wait_for_checkpoint()
+        self.pipeline.raise_failed_writes(wait=True)  # the last sweep's edits, state and sheet are on disk

@@ -111,6 +111,7 @@ def main() -> None:
     if args.train_on == "oracle" and (args.overlap or args.ip2p_devices):
         parser.error("--train-on oracle swaps the single editor; it does not combine with --overlap or --ip2p-devices")
 
+    torch.backends.cudnn.benchmark = True  # as in ns-train, whose train.py sets it for every method
     started = time.perf_counter()
     trainer = edit_trainer(
         args.data, args.load_dir, args.output_dir, steps=args.steps, vis=args.vis,

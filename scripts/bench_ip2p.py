@@ -37,6 +37,7 @@ BF16_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 31
 VARIANTS = {  # row name -> from_pretrained arguments, given the --dtype
     "bfloat16": lambda dtype: dict(dtype=torch.bfloat16),
     "compiled": lambda dtype: dict(dtype=dtype, compile_unet=True),
+    "compiled_vae8": lambda dtype: dict(dtype=dtype, compile_unet=True, vae_batch_size=8),
 }
 
 
@@ -115,6 +116,7 @@ def main() -> None:
         parser.error(f"unknown --variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
     if not torch.cuda.is_available():
         sys.exit("bench_ip2p.py needs a CUDA GPU")
+    torch.backends.cudnn.benchmark = True  # as in ns-train, whose train.py sets it for every method
     dtype = getattr(torch, args.dtype)
     folder = args.model
     if folder is None:

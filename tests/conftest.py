@@ -79,6 +79,7 @@ def step_pipeline(trainer, step: int) -> None:
     for callback in trainer.callbacks:
         callback.run_callback_at_location(step, location=TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
     trainer.pipeline.get_train_loss_dict(step)
+    trainer.pipeline.raise_failed_writes(wait=True)  # sweeps store in the background; tests read the store
 
 
 def igs2gs_args(scene: Path, load_dir: Path, ip2p: Path, output: Path, *extra: str) -> List[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -105,10 +106,27 @@ def test_pipeline_sweeps_on_two_cpu_replicas(scene_dir, splatfacto_run, tiny_ip2
     assert pipeline.sweep_timings[0]["views"] == TRAIN_VIEWS
 
 
-def test_compiled_editor_is_refused_with_threaded_editing(scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path):
-    with pytest.raises(ValueError, match="not thread-safe"):
-        make_trainer(scene_dir, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, "compile-overlap",
-                     ip2p_compile=True, overlap_edits=True)
+def test_compiled_editors_are_warmed_up_at_set_up_in_the_main_thread(scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path, monkeypatch):
+    """torch.compile is not thread-safe: compilation must happen before editor threads start, for
+    the shape the sweeps will use (the batch limit, the views' size)."""
+    warm_ups = []
+    real_load = InstructPix2Pix.from_pretrained
+
+    def load_as_compiled(*args, **kwargs):
+        editor = real_load(*args, **kwargs)
+        editor.compiled = kwargs["compile_unet"]  # compilation itself is CUDA-only
+        return editor
+
+    def warm_up(editor, batch, height, width, prompt):
+        warm_ups.append((editor.device.type, batch, height, width, threading.current_thread() is threading.main_thread()))
+        return 0.0
+
+    monkeypatch.setattr(InstructPix2Pix, "from_pretrained", load_as_compiled)
+    monkeypatch.setattr(InstructPix2Pix, "warm_up", warm_up)
+    trainer = make_trainer(scene_dir, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, "compile-overlap",
+                           ip2p_compile=True, overlap_edits=True, ip2p_devices="cpu,cpu", ip2p_max_batch_size=4)
+    height, width = trainer.pipeline.datamanager.original_images[0].shape[:2]
+    assert warm_ups == [("cpu", min(4, TRAIN_VIEWS), height, width, True)] * 2
 
 
 def test_pausing_a_replica_sweep_stops_it_and_unpausing_finishes_it(scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path):

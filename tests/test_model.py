@@ -7,7 +7,7 @@ import urllib.error
 import pytest
 import torch
 
-from igs2gs.model import DeferredLPIPSMetric, LPIPSUnavailableError, build_lpips
+from igs2gs.model import BatchPSNR, DeferredLPIPSMetric, LPIPSUnavailableError, build_lpips
 
 
 def test_lpips_without_cached_backbone_offline_names_the_file_and_the_fix(tmp_path, monkeypatch):
@@ -29,6 +29,16 @@ def test_random_backbone_lpips_builds_offline_and_scores():
     a, b = torch.rand(1, 3, 48, 48), torch.rand(1, 3, 48, 48)
     assert network(a, a, normalize=True).item() == pytest.approx(0.0, abs=1e-6)
     assert network(a, b, normalize=True).item() > 0
+
+
+def test_batch_psnr_returns_what_torchmetrics_returns_for_each_call():
+    from torchmetrics.image import PeakSignalNoiseRatio
+
+    reference, ours = PeakSignalNoiseRatio(data_range=1.0), BatchPSNR()
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):  # torchmetrics also accumulates; each call still returns that call's PSNR
+        a, b = torch.rand(1, 3, 20, 30, generator=generator), torch.rand(1, 3, 20, 30, generator=generator) * 0.5
+        assert ours(a, b).item() == pytest.approx(reference(a, b).item(), rel=1e-5)
 
 
 def test_eval_metric_builds_its_network_only_when_first_used(monkeypatch):

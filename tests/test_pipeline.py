@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -20,6 +21,7 @@ from PIL import Image
 from conftest import SCENE_VIEWS, igs2gs_args, make_scene, offline_env, run_cli
 from edit_run import edit_trainer
 from igs2gs.edit_store import EditStore
+from nerfstudio.engine.callbacks import TrainingCallbackLocation
 
 TRAIN_VIEWS = SCENE_VIEWS - 1  # nerfstudio holds one view out
 GAUSSIANS = ["means", "scales", "quats", "features_dc", "features_rest", "opacities"]
@@ -188,6 +190,29 @@ def test_optimizers_act_on_the_loaded_gaussians(scene_dir, splatfacto_run, tiny_
     assert writer.GLOBAL_BUFFER["max_iter"] == trainer.pipeline.edit_end_step == trainer._start_step - 1 + 7500  # the default length
 
 
+def test_a_failed_edit_write_stops_training_at_a_later_step(scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path, monkeypatch):
+    """Edits are written in the background; a write that fails (full disk) must not go unnoticed."""
+    trainer = make_trainer(scene_dir, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, "disk-full")
+    pipeline, start = trainer.pipeline, trainer._start_step
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    def step(number: int) -> None:  # as step_pipeline, without waiting for the writes
+        for callback in trainer.callbacks:
+            callback.run_callback_at_location(number, location=TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
+        pipeline.get_train_loss_dict(number)
+
+    monkeypatch.setattr(pipeline.edit_store, "save_edit", full_disk)
+    step(start)  # the sweep: edits swapped in, their writes queued
+    assert pipeline.sweep_state.sweeps_completed == 1 and pipeline.pending_writes
+    for write in list(pipeline.pending_writes):
+        with contextlib.suppress(OSError):
+            write.result()
+    with pytest.raises(OSError, match="No space left"):
+        step(start + 1)
+
+
 def test_resume_after_an_interrupted_sweep_restores_edits_and_finishes_the_sweep(
     scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path
 ):
@@ -204,6 +229,7 @@ def test_resume_after_an_interrupted_sweep_restores_edits_and_finishes_the_sweep
     editor.edit = crash_on_third_batch
     with pytest.raises(KeyboardInterrupt):
         first.pipeline.get_train_loss_dict(first._start_step)
+    first.pipeline.raise_failed_writes(wait=True)  # as the interpreter does at exit: queued writes finish
     store = first.pipeline.edit_store
     state = store.load_state()
     assert state.sweep_in_progress == 0 and state.views_done == [0, 1]
@@ -216,6 +242,7 @@ def test_resume_after_an_interrupted_sweep_restores_edits_and_finishes_the_sweep
     real_second = second.pipeline.editor.edit
     second.pipeline.editor.edit = lambda *a, **k: edited.extend(k["cond_keys"]) or real_second(*a, **k)
     second.pipeline.run_sweep(second.pipeline.sweep_due(second._start_step), second._start_step)
+    second.pipeline.raise_failed_writes(wait=True)
     assert edited == list(range(2, TRAIN_VIEWS))
     assert stored_equals_working_set(second, second.pipeline.edit_store) == TRAIN_VIEWS
     assert second.pipeline.edit_store.load_state().sweeps_completed == 1
