@@ -40,7 +40,7 @@ class ViewCamera(Cameras):
 
     @classmethod
     def of(cls, camera: Cameras, device: torch.device) -> "ViewCamera":
-        view = copy.copy(camera.to(device))
+        view = camera.to(device)  # a new object
         view.__class__ = cls
         view.width, view.height = camera.width.cpu(), camera.height.cpu()
         view._intrinsics = Cameras.get_intrinsics_matrices(view).to(device)
@@ -125,6 +125,7 @@ class IGS2GSDataManager(FullImageDatamanager):
 
     def replace_uint8(self, edits: Dict[int, Tensor]) -> None:
         """Swap uint8 [H, W, 3] edits into the working set (also used to restore persisted edits)."""
+        _ = self.original_images  # keep the photos before the first edit replaces one (a resume restores edits first)
         for view_id, edit in edits.items():
             entry = self.cached_train[view_id]
             current = entry["image"]

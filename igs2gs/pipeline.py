@@ -265,7 +265,7 @@ class IGS2GSPipeline(VanillaPipeline):
         if self.sweep_state is not None and self.edit_store is not None:
             self.sweep_state.settings = self.edit_settings()
             # Queued behind the edits being written, so the state file ends with the new settings.
-            self._persist_thread().submit(self.edit_store.save_state, self.sweep_state.snapshot())
+            self.pending_writes.append(self._persist_thread().submit(self.edit_store.save_state, self.sweep_state.snapshot()))
 
     def _update_status(self, step: int) -> None:
         """Status between sweeps: sweeps done, time to the next one (at the measured step rate)."""

@@ -151,7 +151,7 @@ class IGS2GSTrainerConfig(TrainerConfig):
     restart_schedules: bool = True
     """Start the learning-rate schedules afresh at the loaded step (a finished splatfacto run has decayed the position LR to its floor, which would freeze the geometry)."""
     fused_adam: bool = True
-    """Step the splats' Adam optimizers with torch's fused kernel on CUDA (one kernel per attribute instead of about a dozen; the same update)."""
+    """Step the splats' Adam optimizers with torch's fused kernel on CUDA (one kernel per attribute instead of about a dozen; the same update). A run resumed from a fused checkpoint stays fused."""
 
 
 class IGS2GSTrainer(Trainer):

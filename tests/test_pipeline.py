@@ -237,6 +237,9 @@ def test_resume_after_an_interrupted_sweep_restores_edits_and_finishes_the_sweep
 
     second = make_trainer(scene_dir, first.checkpoint_dir, tiny_ip2p_dir, tmp_path, "second")
     assert stored_equals_working_set(second, second.pipeline.edit_store) == 2
+    # The photos IP2P conditions on are the captured ones, not the restored edits.
+    for view in range(TRAIN_VIEWS):
+        assert torch.equal(second.pipeline.datamanager.original_images[view], first.pipeline.datamanager.original_images[view])
     assert second.pipeline.sweep_due(second._start_step) == 0
     edited = []
     real_second = second.pipeline.editor.edit
