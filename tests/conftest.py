@@ -72,14 +72,16 @@ def splatfacto_run(scene_dir, tmp_path_factory) -> Path:
     return checkpoints.parent
 
 
-def step_pipeline(trainer, step: int) -> None:
-    """One pipeline step as the trainer makes it (its pre-iteration callbacks, then the loss), without the optimizer."""
+def step_pipeline(trainer, step: int, wait_for_writes: bool = True) -> None:
+    """One pipeline step as the trainer makes it (its pre-iteration callbacks, then the loss), without the
+    optimizer; then, unless told not to, wait for the edit writes (sweeps store in the background)."""
     from nerfstudio.engine.callbacks import TrainingCallbackLocation
 
     for callback in trainer.callbacks:
         callback.run_callback_at_location(step, location=TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
     trainer.pipeline.get_train_loss_dict(step)
-    trainer.pipeline.raise_failed_writes(wait=True)  # sweeps store in the background; tests read the store
+    if wait_for_writes:
+        trainer.pipeline.raise_failed_writes(wait=True)
 
 
 def igs2gs_args(scene: Path, load_dir: Path, ip2p: Path, output: Path, *extra: str) -> List[str]:

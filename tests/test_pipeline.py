@@ -18,10 +18,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import SCENE_VIEWS, igs2gs_args, make_scene, offline_env, run_cli
+from conftest import SCENE_VIEWS, igs2gs_args, make_scene, offline_env, run_cli, step_pipeline
 from edit_run import edit_trainer
 from igs2gs.edit_store import EditStore
-from nerfstudio.engine.callbacks import TrainingCallbackLocation
 
 TRAIN_VIEWS = SCENE_VIEWS - 1  # nerfstudio holds one view out
 GAUSSIANS = ["means", "scales", "quats", "features_dc", "features_rest", "opacities"]
@@ -198,19 +197,14 @@ def test_a_failed_edit_write_stops_training_at_a_later_step(scene_dir, splatfact
     def full_disk(*args):
         raise OSError(28, "No space left on device")
 
-    def step(number: int) -> None:  # as step_pipeline, without waiting for the writes
-        for callback in trainer.callbacks:
-            callback.run_callback_at_location(number, location=TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
-        pipeline.get_train_loss_dict(number)
-
     monkeypatch.setattr(pipeline.edit_store, "save_edit", full_disk)
-    step(start)  # the sweep: edits swapped in, their writes queued
+    step_pipeline(trainer, start, wait_for_writes=False)  # the sweep: edits swapped in, their writes queued
     assert pipeline.sweep_state.sweeps_completed == 1 and pipeline.pending_writes
     for write in list(pipeline.pending_writes):
         with contextlib.suppress(OSError):
             write.result()
     with pytest.raises(OSError, match="No space left"):
-        step(start + 1)
+        step_pipeline(trainer, start + 1, wait_for_writes=False)
 
 
 def test_resume_after_an_interrupted_sweep_restores_edits_and_finishes_the_sweep(
