@@ -185,8 +185,8 @@ class IGS2GSPipeline(VanillaPipeline):
 
     @property
     def edit_batch_limit(self) -> int:
-        """Views per edit batch. 16 512² views take 5.7 GB of editor memory (batch 8: 4.6 GB) and are
-        5% faster per edit eager, 9% compiled, on an H100."""
+        """Views per edit batch. On an H100, 16 512² views take 5.7 GB of editor memory (batch 8: 4.6 GB)
+        and 0.208 s per edit eager (batch 8: 0.219 s)."""
         return self.config.ip2p_max_batch_size or 16
 
     @property
@@ -471,10 +471,12 @@ class IGS2GSPipeline(VanillaPipeline):
         with ``wait``, first wait until everything queued is on disk."""
         if wait:
             futures.wait(self.pending_writes)
-        finished = [write for write in self.pending_writes if write.done()]
-        self.pending_writes = [write for write in self.pending_writes if not write.done()]
-        for write in finished:
-            write.result()
+        pending, self.pending_writes = self.pending_writes, []
+        for write in pending:  # one done() check per write: one finishing meanwhile is neither lost nor raised twice
+            if write.done():
+                write.result()
+            else:
+                self.pending_writes.append(write)
 
     def _persist_thread(self) -> ThreadPoolExecutor:
         """The one thread that writes edits and progress, in order (edits of a batch before the state that counts them)."""
