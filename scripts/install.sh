@@ -11,7 +11,14 @@ fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 # torch first, pinned: on this project's machines these two are served from local disk, while an
 # unpinned torch (asked for by nerfstudio) would download gigabytes.
-python -c "import torch, torchvision" 2>/dev/null || python -m pip install -q torch==2.14.1 torchvision==0.29.1
+if ! python -c "import torch, torchvision" 2>/dev/null; then
+    # A full .venv is ~8.5 GB (torch's CUDA libraries 5.5 GB): say so before pip fails halfway with ENOSPC.
+    free_gb=$(df -Pk .venv | awk 'NR == 2 { print int($4 / 1048576) }')
+    if [ "${free_gb:-0}" -lt 9 ]; then
+        echo "install.sh: warning: ${free_gb} GB free under $(pwd)/.venv; the environment needs about 9 GB." >&2
+    fi
+    python -m pip install -q torch==2.14.1 torchvision==0.29.1
+fi
 python -m pip install -q -e ".[test]"
 
 # nerfstudio reads sparse_pc.ply with open3d, whose wheel needs the system's libusb.
