@@ -9,9 +9,11 @@ speed and memory are real and the pictures are noise.
     python scripts/bench_ip2p.py [--model DIR] [--views 16] [--batch-sizes 1,4,8,16] [--compile-batch 16] [--json out.json]
 
 Also printed: the VAE's share of an edit (encode + decode, timed alone) and, at the
-``--compile-batch`` size, the ``--variants``: bf16, and the UNet and VAE decoder under torch.compile
-(``compiled``; ``compiled_vae8`` decodes 8 at a time), compile time apart. cuDNN autotuning is on,
-as ``ns-train`` sets it.
+``--compile-batch`` size, the ``--variants``, each from a fresh editor with its first call (compile,
+autotuning, lazy CUDA set-up) timed apart: ``eager`` (the default editor), ``autotuned`` (cuDNN's
+benchmark mode kept for the editor), ``bfloat16``, and the UNet and VAE decoder under torch.compile
+(``compiled``; ``compiled_vae8`` decodes 8 at a time). The process turns cuDNN's benchmark mode on,
+as ``ns-train`` does; the editor edits with cuDNN's heuristics unless ``autotuned``.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ BF16_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 31
 
 
 VARIANTS = {  # row name -> from_pretrained arguments, given the --dtype
+    "eager": lambda dtype: dict(dtype=dtype),
+    "autotuned": lambda dtype: dict(dtype=dtype, cudnn_benchmark=True),
     "bfloat16": lambda dtype: dict(dtype=torch.bfloat16),
     "compiled": lambda dtype: dict(dtype=dtype, compile_unet=True),
     "compiled_vae8": lambda dtype: dict(dtype=dtype, compile_unet=True, vae_batch_size=8),
@@ -109,7 +113,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16")
     parser.add_argument("--reference-views", type=int, default=4, help="views timed for the (slow) reference-style run")
     parser.add_argument("--compile-batch", type=int, default=16, help="batch of the variant rows (0: skip them)")
-    parser.add_argument("--variants", default="bfloat16,compiled", help="variant rows to time")
+    parser.add_argument("--variants", default="eager,autotuned,compiled", help="variant rows to time")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     unknown = set(args.variants.split(",")) - set(VARIANTS)
@@ -151,7 +155,7 @@ def main() -> None:
     rows: List[Dict[str, float]] = []
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         ours.max_batch_size, ours.batch_size = batch, None
-        timed_edits(ours, renders[:batch], originals[:batch], args.steps, batch)  # warm-up (cudnn autotune)
+        timed_edits(ours, renders[:batch], originals[:batch], args.steps, batch)  # warm-up
         torch.cuda.reset_peak_memory_stats()
         seconds = timed_edits(ours, renders, originals, args.steps, batch) / args.views
         rows.append({"batch": batch, **figures(seconds, reference_s, flops, peak_tflops)})
@@ -165,7 +169,7 @@ def main() -> None:
         torch.cuda.empty_cache()
         for name in args.variants.split(","):
             editor = InstructPix2Pix.from_pretrained(str(folder), device="cuda", max_batch_size=batch, **VARIANTS[name](dtype))
-            first = timed_edits(editor, renders[:batch], originals[:batch], args.steps, batch)  # compiles, if asked
+            first = timed_edits(editor, renders[:batch], originals[:batch], args.steps, batch)  # compiles, autotunes, if asked
             timed_edits(editor, renders[:batch], originals[:batch], args.steps, batch)
             torch.cuda.reset_peak_memory_stats()
             seconds = timed_edits(editor, renders, originals, args.steps, batch) / args.views

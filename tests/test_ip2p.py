@@ -184,6 +184,42 @@ def test_start_timestep_is_drawn_within_the_bounds(ip2p, monkeypatch):
     assert (first <= starts).all()
 
 
+class FlagRecordingUNet(StubUNet):
+    """Records cuDNN's benchmark flag at each call; the first call waits for ``gate`` (to overlap two edits)."""
+
+    def __init__(self, config, gate=None):
+        super().__init__(config)
+        self.gate, self.flags = gate, []
+
+    def forward(self, *args, **kwargs):
+        self.flags.append(torch.backends.cudnn.benchmark)
+        if self.gate is not None:
+            self.gate.wait(timeout=10)
+        return super().forward(*args, **kwargs)
+
+
+def test_edits_run_with_cudnn_heuristics_and_give_the_process_its_flag_back(ip2p, monkeypatch):
+    """ns-train turns cuDNN autotuning on; the editor edits without it, also when two threads edit at once."""
+    import threading
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    barrier = threading.Barrier(2)
+    stub = FlagRecordingUNet(ip2p.unet.config, gate=barrier)
+    monkeypatch.setattr(ip2p, "_unet", stub)
+    threads = [threading.Thread(target=ip2p.edit, args=(images(1), images(1, seed=1), PROMPT), kwargs=dict(diffusion_steps=2)) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(stub.flags) == 4 and not any(stub.flags)
+    assert torch.backends.cudnn.benchmark is True
+    # An editor asked to keep the process's setting edits with autotuning on.
+    monkeypatch.setattr(ip2p, "cudnn_benchmark", True)
+    stub.gate, stub.flags = None, []
+    ip2p.edit(images(1), images(1, seed=1), PROMPT, diffusion_steps=1)
+    assert stub.flags == [True]
+
+
 def test_condition_latents_are_encoded_once_per_original(ip2p):
     originals = images(3, seed=7)
     before = ip2p.condition_encodings
