@@ -37,6 +37,7 @@ class Sweep:
         self.resumed_with = len(done_before)
         self.planned = max(index + 1, pipeline.planned_sweeps())
         self.timings: Dict[str, float] = {"render_s": 0.0, "edit_s": 0.0, "swap_s": 0.0}
+        self.batch_edit_s: List[float] = []  # per batch, in arrival order: the first of a shape pays its set-up
         self.sheet_rows: List[np.ndarray] = []
         self.started = time.perf_counter()
 
@@ -58,6 +59,7 @@ class Sweep:
         pipeline.pending_writes.append(self.persist.submit(pipeline.edit_store.save_edits, list(views), stored, state.snapshot()))
         self._add_sheet_rows(views, renders, stored)
         self.timings["edit_s"] += edit_seconds
+        self.batch_edit_s.append(edit_seconds)
         self.timings["swap_s"] += time.perf_counter() - started
         pipeline.status = f"sweep {self.index + 1} of {self.planned} · {self.done}/{self.views} views · {self.rate:.2f} edits/s"
 
@@ -83,6 +85,9 @@ class Sweep:
         self.timings["total_s"] = time.perf_counter() - self.started
         self.timings["views"] = float(len(self.todo))
         self.timings["step"] = float(self.step)
+        if self.batch_edit_s:
+            self.timings["slowest_batch_edit_s"] = max(self.batch_edit_s)
+            self.timings["fastest_batch_edit_s"] = min(self.batch_edit_s)
         pipeline.sweep_timings.append(self.timings)
         sheet = np.concatenate(self.sheet_rows, axis=0) if self.sheet_rows else None
         pipeline.pending_writes.append(self.persist.submit(self._write_completion, store, state.snapshot(), sheet))

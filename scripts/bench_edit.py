@@ -1,7 +1,8 @@
 """Time a full igs2gs edit of a reconstructed scene on one GPU and split the wall time.
 
 Loads a splatfacto checkpoint, runs the default edit (3 sweeps, 7500 steps unless told otherwise)
-in this process and prints: model set-up, per-sweep render / IP2P / store seconds, splat
+in this process and prints: model set-up, per-sweep render / IP2P / store seconds (and the
+slowest and fastest edit batch: the first batch of each shape pays its CUDA/cuDNN set-up), splat
 training seconds and steps/s between sweeps, total wall time and peak GPU memory; JSON with
 ``--json``. With the random sd15 editor (``make_random_ip2p.py --shape sd15``) the timings are
 real and the edits are noise; ``--train-on oracle`` times the sd15 editor on every view of every
