@@ -146,8 +146,7 @@ class IGS2GSPipeline(VanillaPipeline):
         if test_mode == "val":  # training; the viewer, ns-render and ns-export never load the editor
             from igs2gs.viewer_controls import EditControls
 
-            devices = [d.strip() for d in (config.ip2p_devices or config.ip2p_device or str(self.device)).split(",") if d.strip()]
-            self.editors = [self._load_editor(device) for device in devices]
+            self.editors = [self._load_editor(device) for device in editor_devices(config, str(self.device))]
             if config.ip2p_compile and config.editor == "ip2p":
                 self._compile_editors()
             self.editor = self.editors[0]
@@ -494,3 +493,40 @@ def check_prompt(prompt: str) -> None:
             f"[bold yellow]Warning: the instruction is the default {DEFAULT_PROMPT!r}, which asks for no change. "
             "Pass your edit with --pipeline.prompt \"...\"."
         )
+
+
+def editor_devices(config: IGS2GSPipelineConfig, training_device: str) -> List[str]:
+    """The editors' devices: ``ip2p_devices``, else ``ip2p_device``, else the training device."""
+    listed = config.ip2p_devices or config.ip2p_device or training_device
+    return [device.strip() for device in listed.split(",") if device.strip()]
+
+
+def check_edit_settings(config: IGS2GSPipelineConfig, training_device: str) -> None:
+    """Refuse settings the first sweep would fail on, before the scene and the editor load (which takes
+    tens of seconds), with every problem named by its flag."""
+    problems = []
+    if not 0.0 <= config.lower_bound <= config.upper_bound <= 1.0:
+        problems.append(
+            f"--pipeline.lower-bound {config.lower_bound} and --pipeline.upper-bound {config.upper_bound}: "
+            "need 0 <= lower-bound <= upper-bound <= 1 (fractions of the diffusion timesteps)"
+        )
+    for flag, count in (("diffusion-steps", config.diffusion_steps), ("gs-steps", config.gs_steps), ("ip2p-max-batch-size", config.ip2p_max_batch_size)):
+        if count is not None and count < 1:
+            problems.append(f"--pipeline.{flag} {count}: must be at least 1")
+    if config.sheet_views < 0:
+        problems.append(f"--pipeline.sheet-views {config.sheet_views}: must be 0 or more")
+    for flag, scale in (("guidance-scale", config.guidance_scale), ("image-guidance-scale", config.image_guidance_scale)):
+        if not math.isfinite(scale):
+            problems.append(f"--pipeline.{flag} {scale}: must be a finite number")
+    for device in editor_devices(config, training_device):
+        try:
+            parsed = torch.device(device)
+        except RuntimeError:
+            problems.append(f"editor device {device!r}: not a torch device (e.g. cuda:1)")
+            continue
+        if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
+            have = f"this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}" if count else "no CUDA device is available"
+            problems.append(f"editor device {device}: {have} (--pipeline.ip2p-device / --pipeline.ip2p-devices)")
+    if problems:
+        raise ValueError("igs2gs cannot start with these settings:\n  " + "\n  ".join(problems))

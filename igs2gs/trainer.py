@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from igs2gs.edit_store import STORE_DIRNAME, EditStore
-from igs2gs.pipeline import check_prompt
+from igs2gs.pipeline import check_edit_settings, check_prompt
 from nerfstudio.engine.trainer import Trainer, TrainerConfig
 from nerfstudio.utils import writer
 from nerfstudio.utils.rich_utils import CONSOLE
@@ -166,6 +166,7 @@ class IGS2GSTrainer(Trainer):
         # Fail before datasets and the editor load: a missing or foreign checkpoint is the commonest mistake.
         pipeline = self.config.pipeline
         check_prompt(pipeline.model.prompt or pipeline.prompt)
+        check_edit_settings(pipeline, str(self.device))
         self.checkpoint_path = find_checkpoint(self.config.load_dir, self.config.load_step, self.config.load_checkpoint)
         self.loaded_state: Optional[Dict[str, Any]] = load_checkpoint_state(self.checkpoint_path)
         check_same_scene(self.checkpoint_path, self._train_dataparser_outputs())

@@ -327,6 +327,25 @@ def test_empty_prompt_is_refused_and_the_default_one_warns(scene_dir, splatfacto
     assert "asks for no change" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(lower_bound=0.9, upper_bound=0.5), "--pipeline.lower-bound 0.9 and --pipeline.upper-bound 0.5"),
+        (dict(upper_bound=1.5), "upper-bound 1.5"),
+        (dict(diffusion_steps=0), "--pipeline.diffusion-steps 0: must be at least 1"),
+        (dict(gs_steps=0, ip2p_max_batch_size=0), "gs-steps 0: must be at least 1\n  --pipeline.ip2p-max-batch-size 0"),
+        (dict(guidance_scale=float("nan")), "--pipeline.guidance-scale nan"),
+        (dict(ip2p_device="cuda:7"), "editor device cuda:7: (no CUDA device|this machine has)"),
+        (dict(ip2p_devices="cpu,gpu:x"), "editor device 'gpu:x': not a torch device"),
+    ],
+)
+def test_bad_edit_settings_are_refused_before_anything_loads(scene_dir, tiny_ip2p_dir, tmp_path, settings, message):
+    """Checked first: no checkpoint is given here, so reaching the load would raise CheckpointError instead."""
+    with pytest.raises(ValueError, match=message) as raised:
+        make_trainer(scene_dir, None, tiny_ip2p_dir, tmp_path, "bad-settings", **settings)
+    assert "igs2gs cannot start with these settings" in str(raised.value)
+
+
 def test_top_level_prompt_alias_sets_the_instruction(scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path):
     trainer = make_trainer(scene_dir, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, "alias", model_prompt="make it gold")
     assert trainer.pipeline.prompt == "make it gold"
