@@ -84,8 +84,8 @@ def _load_pipeline(model: str, dtype: torch.dtype) -> "StableDiffusionInstructPi
 
     how_to_fix = (
         f"Download it where there is network (`huggingface-cli download {DEFAULT_MODEL}` fills the cache; "
-        f"`huggingface-cli download {DEFAULT_MODEL} --local-dir DIR` makes a folder) and pass the folder with "
-        "--pipeline.ip2p-model DIR."
+        f"`huggingface-cli download {DEFAULT_MODEL} --local-dir DIR` makes a folder) and pass the folder: "
+        "--pipeline.ip2p-model DIR for ns-train igs2gs, --ip2p-model DIR for igs2gs-preview."
     )
     path = Path(model).expanduser()
     if path.exists():

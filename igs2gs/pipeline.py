@@ -92,7 +92,8 @@ class IGS2GSPipelineConfig(VanillaPipelineConfig):
     """Views shown (original | render | edit) on the before/after sheet written after each sweep."""
 
 
-def _seeded(seed: int, sweep: int, view: int) -> torch.Generator:
+def edit_generator(seed: int, sweep: int, view: int) -> torch.Generator:
+    """The noise stream of one view's edit in one sweep (also what ``igs2gs-preview`` gives a view)."""
     return torch.Generator().manual_seed((seed * 1_000_003 + sweep * 100_003 + view) % (2**63))
 
 
@@ -448,7 +449,7 @@ class IGS2GSPipeline(VanillaPipeline):
 
     def _generators(self, current: Sweep, group: Sequence[int]) -> List[torch.Generator]:
         """One noise stream per (sweep, view): the same edits in any batching, on any replica, after a resume."""
-        return [_seeded(self.config.edit_seed, current.index, view) for view in group]
+        return [edit_generator(self.config.edit_seed, current.index, view) for view in group]
 
     def _timed_render(self, current: Sweep, group: Sequence[int]) -> Tensor:
         started = time.perf_counter()
