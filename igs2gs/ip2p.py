@@ -372,19 +372,9 @@ class InstructPix2Pix:
             latents = self._ddim_step(guided, t, t - strides, latents)
         return self._decode(latents)
 
-    def _edit_in_batches(
-        self,
-        renders: Tensor,
-        condition: Tensor,
-        embeddings: Tensor,
-        starts: List[int],
-        vae_noise: Tensor,
-        noise: Tensor,
-        guidance_scale: float,
-        image_guidance_scale: float,
-        diffusion_steps: int,
-    ) -> Tensor:
-        """``_edit_batch`` over batches as large as memory allows (halved on out-of-memory), padded to ``fixed_batch``."""
+    def _edit_in_batches(self, renders: Tensor, condition: Tensor, starts: List[int], vae_noise: Tensor, noise: Tensor, **shared) -> Tensor:
+        """``_edit_batch`` over batches of these rows as large as memory allows (halved on out-of-memory), padded
+        to ``fixed_batch``; ``shared`` (prompt embeddings, guidance, steps) goes to every batch."""
         count = renders.shape[0]
         outputs: List[Tensor] = []
         batch = self._first_batch_size(count, renders.shape[2] * renders.shape[3])
@@ -397,15 +387,12 @@ class InstructPix2Pix:
             pad = max(0, (self.fixed_batch or 0) - rows)
             try:
                 edited = self._edit_batch(
-                    _padded(renders[part], pad),
-                    _padded(condition[part], pad),
-                    embeddings,
-                    starts[part] + starts[part][-1:] * pad,
-                    _padded(vae_noise[part], pad),
-                    _padded(noise[part], pad),
-                    guidance_scale,
-                    image_guidance_scale,
-                    diffusion_steps,
+                    renders=_padded(renders[part], pad),
+                    condition=_padded(condition[part], pad),
+                    starts=starts[part] + starts[part][-1:] * pad,
+                    vae_noise=_padded(vae_noise[part], pad),
+                    noise=_padded(noise[part], pad),
+                    **shared,
                 )
                 outputs.append(edited[:rows])
             except Exception as error:  # noqa: BLE001 - only out-of-memory is retried
@@ -501,7 +488,8 @@ class InstructPix2Pix:
         with contextlib.nullcontext() if self.cudnn_benchmark else cudnn_heuristics():
             condition = self._condition(originals_in, cond_keys)
             edited = self._edit_in_batches(
-                renders_in, condition, embeddings, starts, vae_noise, noise, guidance_scale, image_guidance_scale, diffusion_steps
+                renders_in, condition, starts, vae_noise, noise, embeddings=embeddings, guidance_scale=guidance_scale,
+                image_guidance_scale=image_guidance_scale, diffusion_steps=diffusion_steps,
             )
         if resized:
             edited = F.interpolate(edited, (height, width), mode="bilinear", align_corners=False).clamp(0, 1)
