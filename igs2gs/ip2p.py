@@ -41,9 +41,10 @@ _autotune_saved = False
 def cudnn_heuristics():
     """Turn cuDNN's benchmark mode off while inside (the flag is process-wide: the last thread out restores it).
 
-    ``ns-train`` turns benchmark mode on for every method. For the editor it means trying every
-    convolution algorithm of the UNet and the VAE for each new batch shape, seconds per shape in
-    the first sweep, for edits about 1.5% faster afterwards.
+    ``ns-train`` turns benchmark mode on for every method. For the editor it means trying the
+    convolution algorithms of the UNet and the VAE for each new batch shape during the first sweep
+    (H100, 73 views: 30 s of editing in the first sweep against 15 s in the next ones), for little
+    after (0.208 s per edit autotuned, 0.211 s in a run without autotuning).
     """
     global _autotune_holders, _autotune_saved
     with _autotune_lock:
