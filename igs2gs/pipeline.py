@@ -85,7 +85,7 @@ class IGS2GSPipelineConfig(VanillaPipelineConfig):
     ip2p_max_batch_size: Optional[int] = None
     """Most views edited at once; default: 16, or fewer if free GPU memory asks (an out-of-memory error halves it)."""
     ip2p_compile: bool = False
-    """Compile the editor's UNet and VAE decoder with torch.compile (CUDA) at set-up, for the sweeps' batch shape: faster edits after about a minute of compilation, cached by torch between runs."""
+    """Compile the editor's UNet and VAE decoder with torch.compile (CUDA) at set-up, for the sweeps' batch shape: faster edits after about a minute of compilation, cached between runs in ~/.cache/igs2gs/torchinductor (or $TORCHINDUCTOR_CACHE_DIR)."""
     edit_seed: int = 0
     """Seed of the edit noise; each (sweep, view) gets its own stream, so a resumed sweep makes the same edits."""
     sheet_views: int = 4

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -325,3 +326,14 @@ def test_compiled_editor_pads_to_its_batch_and_edits_as_the_eager_one(tiny_ip2p_
     # Measured on an H100: max 0.0146-0.0155, mean 0.0012 (convolution algorithms differ); a padded
     # row handed back in the wrong place would differ by ~0.1 on average.
     assert difference.max() < 0.05 and difference.mean() < 5e-3, (difference.max(), difference.mean())
+
+
+def test_compile_cache_outlives_tmp_unless_the_user_chose_one(monkeypatch, tmp_path):
+    from igs2gs.ip2p import use_persistent_compile_cache
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert use_persistent_compile_cache() == tmp_path / "cache" / "igs2gs" / "torchinductor"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "igs2gs" / "torchinductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert use_persistent_compile_cache() == tmp_path / "mine"
