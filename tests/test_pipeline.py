@@ -91,7 +91,7 @@ def test_checkpoint_written_in_the_background_holds_the_state_of_its_step(scene_
     means = trainer.pipeline.model.gauss_params["means"]
     expected = means.detach().clone()
     release, real_write = threading.Event(), trainer._write_checkpoint
-    trainer._write_checkpoint = lambda step, state: release.wait(30) and real_write(step, state)
+    trainer._write_checkpoint = lambda step, state, copied: release.wait(30) and real_write(step, state, copied)
     trainer.save_checkpoint(trainer._start_step)
     with torch.no_grad():
         means.add_(1.0)  # the next optimizer step, before the writer got to run
