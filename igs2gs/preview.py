@@ -80,6 +80,8 @@ def check_preview(config: PreviewConfig) -> None:
         raise ValueError(f"--lower-bound {config.lower_bound} and --upper-bound {config.upper_bound}: need 0 <= lower <= upper <= 1.")
     if config.diffusion_steps < 1:
         raise ValueError(f"--diffusion-steps {config.diffusion_steps}: must be at least 1.")
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {config.device}: no CUDA device is available here (--device cpu edits on the CPU, slowly).")
 
 
 def preview_edits(config: PreviewConfig) -> Tuple[np.ndarray, Dict[Tuple[float, float], Dict[int, torch.Tensor]], Dict[str, float]]:

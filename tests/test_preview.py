@@ -49,6 +49,7 @@ def test_preview_makes_the_first_sweeps_edits_of_the_photos(scene_dir, tiny_ip2p
         (dict(lower_bound=0.9, upper_bound=0.2), "--lower-bound 0.9 and --upper-bound 0.2"),
         (dict(diffusion_steps=0), "--diffusion-steps 0"),
         (dict(guidance_scales=()), "at least one value"),
+        pytest.param(dict(device="cuda"), "no CUDA device", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has CUDA")),
     ],
 )
 def test_bad_preview_settings_are_refused_before_anything_loads(scene_dir, changes, message):
