@@ -502,16 +502,36 @@ def editor_devices(config: IGS2GSPipelineConfig, training_device: str) -> List[s
     return [device.strip() for device in listed.split(",") if device.strip()]
 
 
+def schedule_problems(lower_bound: float, upper_bound: float, diffusion_steps: int, prefix: str = "--pipeline.") -> List[str]:
+    """What is wrong with an edit's noise bounds and step count, each named by its flag (``prefix`` + name)."""
+    problems = []
+    if not 0.0 <= lower_bound <= upper_bound <= 1.0:
+        problems.append(
+            f"{prefix}lower-bound {lower_bound} and {prefix}upper-bound {upper_bound}: "
+            "need 0 <= lower-bound <= upper-bound <= 1 (fractions of the diffusion timesteps)"
+        )
+    if diffusion_steps < 1:
+        problems.append(f"{prefix}diffusion-steps {diffusion_steps}: must be at least 1")
+    return problems
+
+
+def device_problem(device: str) -> Optional[str]:
+    """``'<device>: why it cannot run an editor here'``, or None when it can."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        return f"{device!r}: not a torch device (e.g. cuda:1)"
+    count = torch.cuda.device_count()
+    if parsed.type == "cuda" and (parsed.index or 0) >= count:
+        return f"{device}: " + (f"this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}" if count else "no CUDA device is available")
+    return None
+
+
 def check_edit_settings(config: IGS2GSPipelineConfig, training_device: str) -> None:
     """Refuse settings the first sweep would fail on, before the scene and the editor load (which takes
     tens of seconds), with every problem named by its flag."""
-    problems = []
-    if not 0.0 <= config.lower_bound <= config.upper_bound <= 1.0:
-        problems.append(
-            f"--pipeline.lower-bound {config.lower_bound} and --pipeline.upper-bound {config.upper_bound}: "
-            "need 0 <= lower-bound <= upper-bound <= 1 (fractions of the diffusion timesteps)"
-        )
-    for flag, count in (("diffusion-steps", config.diffusion_steps), ("gs-steps", config.gs_steps), ("ip2p-max-batch-size", config.ip2p_max_batch_size)):
+    problems = schedule_problems(config.lower_bound, config.upper_bound, config.diffusion_steps)
+    for flag, count in (("gs-steps", config.gs_steps), ("ip2p-max-batch-size", config.ip2p_max_batch_size)):
         if count is not None and count < 1:
             problems.append(f"--pipeline.{flag} {count}: must be at least 1")
     if config.sheet_views < 0:
@@ -520,14 +540,8 @@ def check_edit_settings(config: IGS2GSPipelineConfig, training_device: str) -> N
         if not math.isfinite(scale):
             problems.append(f"--pipeline.{flag} {scale}: must be a finite number")
     for device in editor_devices(config, training_device):
-        try:
-            parsed = torch.device(device)
-        except RuntimeError:
-            problems.append(f"editor device {device!r}: not a torch device (e.g. cuda:1)")
-            continue
-        if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
-            count = torch.cuda.device_count()
-            have = f"this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}" if count else "no CUDA device is available"
-            problems.append(f"editor device {device}: {have} (--pipeline.ip2p-device / --pipeline.ip2p-devices)")
+        problem = device_problem(device)
+        if problem is not None:
+            problems.append(f"editor device {problem} (--pipeline.ip2p-device / --pipeline.ip2p-devices)")
     if problems:
         raise ValueError("igs2gs cannot start with these settings:\n  " + "\n  ".join(problems))

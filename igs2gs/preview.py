@@ -21,7 +21,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 
-from igs2gs.pipeline import DEFAULT_IP2P_MODEL, IGS2GSPipelineConfig, edit_generator
+from igs2gs.pipeline import DEFAULT_IP2P_MODEL, IGS2GSPipelineConfig, device_problem, edit_generator, schedule_problems
 
 _DEFAULTS = IGS2GSPipelineConfig()
 TILE_HEIGHT = 256  # px: tiles of the sheet, whatever the photos' size
@@ -76,12 +76,12 @@ def check_preview(config: PreviewConfig) -> None:
         raise ValueError(f"--data {data}: no transforms.json there (give the nerfstudio scene folder that ns-train igs2gs --data takes).")
     if not config.guidance_scales or not config.image_guidance_scales:
         raise ValueError("--guidance-scales and --image-guidance-scales need at least one value each.")
-    if not 0.0 <= config.lower_bound <= config.upper_bound <= 1.0:
-        raise ValueError(f"--lower-bound {config.lower_bound} and --upper-bound {config.upper_bound}: need 0 <= lower <= upper <= 1.")
-    if config.diffusion_steps < 1:
-        raise ValueError(f"--diffusion-steps {config.diffusion_steps}: must be at least 1.")
-    if config.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {config.device}: no CUDA device is available here (--device cpu edits on the CPU, slowly).")
+    problems = schedule_problems(config.lower_bound, config.upper_bound, config.diffusion_steps, prefix="--")
+    device = device_problem(config.device)
+    if device is not None:
+        problems.append(f"--device {device}")
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def preview_edits(config: PreviewConfig) -> Tuple[np.ndarray, Dict[Tuple[float, float], Dict[int, torch.Tensor]], Dict[str, float]]:
@@ -102,11 +102,11 @@ def preview_edits(config: PreviewConfig) -> Tuple[np.ndarray, Dict[Tuple[float, 
     by_size: Dict[Tuple[int, int], List[int]] = {}
     for view in views:
         by_size.setdefault(tuple(datamanager.original_images[view].shape[:2]), []).append(view)
+    photos_by_size = [(group, datamanager.originals(group, torch.device(config.device))) for group in by_size.values()]
     edits: Dict[Tuple[float, float], Dict[int, torch.Tensor]] = {}
     for setting in [(g, ig) for ig in config.image_guidance_scales for g in config.guidance_scales]:
         edits[setting] = {}
-        for group in by_size.values():
-            photos = datamanager.originals(group, torch.device(config.device))
+        for group, photos in photos_by_size:
             edited = editor.edit(
                 photos, photos, config.prompt, guidance_scale=setting[0], image_guidance_scale=setting[1],
                 diffusion_steps=config.diffusion_steps, lower_bound=config.lower_bound, upper_bound=config.upper_bound,
@@ -114,7 +114,7 @@ def preview_edits(config: PreviewConfig) -> Tuple[np.ndarray, Dict[Tuple[float, 
             )
             edits[setting].update({view: image.cpu() for view, image in zip(group, edited)})
     edited_s = time.perf_counter() - loaded
-    photos = {view: datamanager.originals([view], torch.device("cpu"))[0] for view in views}
+    photos = {view: photo.cpu() for group, group_photos in photos_by_size for view, photo in zip(group, group_photos)}
     sheet = compose_sheet(views, photos, edits)
     timings = {"load_s": loaded - started, "edit_s": edited_s, "edits": float(len(views) * len(edits))}
     return sheet, edits, timings

@@ -36,7 +36,7 @@ class Sweep:
         self.todo = [view for view in range(self.views) if view not in done_before]
         self.resumed_with = len(done_before)
         self.planned = max(index + 1, pipeline.planned_sweeps())
-        self.timings: Dict[str, float] = {"render_s": 0.0, "edit_s": 0.0, "swap_s": 0.0}
+        self.timings: Dict[str, float] = {"render_s": 0.0, "swap_s": 0.0}  # edit_s etc. added by close()
         self.batch_edit_s: List[float] = []  # per batch, in arrival order: the first of a shape pays its set-up
         self.sheet_rows: List[np.ndarray] = []
         self.started = time.perf_counter()
@@ -58,7 +58,6 @@ class Sweep:
         state.views_done.extend(views)
         pipeline.pending_writes.append(self.persist.submit(pipeline.edit_store.save_edits, list(views), stored, state.snapshot()))
         self._add_sheet_rows(views, renders, stored)
-        self.timings["edit_s"] += edit_seconds
         self.batch_edit_s.append(edit_seconds)
         self.timings["swap_s"] += time.perf_counter() - started
         pipeline.status = f"sweep {self.index + 1} of {self.planned} · {self.done}/{self.views} views · {self.rate:.2f} edits/s"
@@ -85,6 +84,7 @@ class Sweep:
         self.timings["total_s"] = time.perf_counter() - self.started
         self.timings["views"] = float(len(self.todo))
         self.timings["step"] = float(self.step)
+        self.timings["edit_s"] = sum(self.batch_edit_s)
         if self.batch_edit_s:
             self.timings["slowest_batch_edit_s"] = max(self.batch_edit_s)
             self.timings["fastest_batch_edit_s"] = min(self.batch_edit_s)
