@@ -28,6 +28,7 @@ from igs2gs.edit_workers import EditJob, EditResult, EditWorkers
 from igs2gs.model import IGS2GSModelConfig
 from igs2gs.oracle import OracleEditor, OracleEditorConfig
 from igs2gs.sweep import Sweep
+from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.pipelines.base_pipeline import VanillaPipeline, VanillaPipelineConfig
 from nerfstudio.utils.rich_utils import CONSOLE
 
@@ -339,10 +340,19 @@ class IGS2GSPipeline(VanillaPipeline):
     @torch.no_grad()
     def _render(self, view_ids: Sequence[int]) -> Tensor:
         """Renders of ``view_ids`` from the current splats, float [B, 3, H, W], fixed background."""
-        cameras = self.datamanager.train_dataset.cameras
         self.model.eval()  # again each time: the viewer puts the model back in training mode after drawing
-        renders = [self.model.get_outputs_for_camera(cameras[v : v + 1])["rgb"] for v in view_ids]
+        renders = [self.model.get_outputs_for_camera(self.training_camera(v))["rgb"] for v in view_ids]
         return torch.stack(renders).permute(0, 3, 1, 2).clamp(0, 1)
+
+    def training_camera(self, view: int) -> Cameras:
+        """Training view ``view``'s camera with the camera optimizer's pose correction, as training renders it
+        (splatfacto applies the correction in training mode only; sweeps render in eval mode)."""
+        camera = self.datamanager.train_dataset.cameras[view : view + 1]  # a new Cameras: the dataset's stay as they are
+        optimizer = self.model.camera_optimizer
+        if optimizer.config.mode != "off":
+            camera.metadata = {**(camera.metadata or {}), "cam_idx": view}
+            camera.camera_to_worlds = optimizer.apply_to_camera(camera)
+        return camera
 
     def run_sweep(self, sweep: int, step: int) -> None:
         """Render, edit and swap in every training view not yet edited in this sweep."""

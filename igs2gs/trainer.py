@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import re
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,8 +22,9 @@ from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Type
 
 import numpy as np
 import torch
+import yaml
 
-from igs2gs.edit_store import STORE_DIRNAME, EditStore
+from igs2gs.edit_store import STORE_DIRNAME, EditStore, write_atomically
 from igs2gs.pipeline import check_edit_settings, check_prompt
 from nerfstudio.engine.trainer import Trainer, TrainerConfig
 from nerfstudio.utils import writer
@@ -109,13 +111,76 @@ def find_checkpoint(load_dir: Optional[Path], load_step: Optional[int], load_che
     return Path(load_dir) / f"step-{step:09d}.ckpt"
 
 
+class _PlainYamlLoader(yaml.SafeLoader):
+    """Reads a run's config.yml as plain dicts and lists, importing none of the classes it names
+    (a run of a plugin that is not installed here still reads)."""
+
+
+def _plain(loader: yaml.SafeLoader, _suffix: str, node: yaml.Node) -> Any:
+    if isinstance(node, yaml.MappingNode):
+        return loader.construct_mapping(node, deep=True)
+    if isinstance(node, yaml.SequenceNode):
+        return loader.construct_sequence(node, deep=True)
+    return loader.construct_scalar(node)
+
+
+_PlainYamlLoader.add_multi_constructor("tag:yaml.org,2002:python/", _plain)
+
+
+def run_config(checkpoint: Path) -> Dict[str, Any]:
+    """The config.yml of the run a checkpoint belongs to, as plain values ({} if it has none or it does not parse)."""
+    path = checkpoint.parent.parent / "config.yml"
+    try:
+        loaded = yaml.load(path.read_text(), Loader=_PlainYamlLoader) if path.is_file() else None
+    except (yaml.YAMLError, UnicodeDecodeError):
+        loaded = None
+    return loaded if isinstance(loaded, dict) else {}
+
+
 def method_of_run(checkpoint: Path) -> Optional[str]:
     """``method_name`` from the config.yml of the run a checkpoint belongs to, if there is one."""
-    config = checkpoint.parent.parent / "config.yml"
-    if not config.is_file():
+    method = run_config(checkpoint).get("method_name")
+    return str(method) if method else None
+
+
+def sh_degree_of(pipeline_state: Dict[str, Any]) -> Optional[int]:
+    """The spherical-harmonics degree of a checkpoint's colours ((degree + 1)² coefficients per channel)."""
+    rest = pipeline_state.get("_model.gauss_params.features_rest")
+    if rest is None or rest.dim() != 3:
         return None
-    match = re.search(r"^method_name: (\S+)", config.read_text(), flags=re.MULTILINE)
-    return match.group(1) if match else None
+    coefficients = rest.shape[1] + 1
+    degree = math.isqrt(coefficients) - 1
+    if (degree + 1) ** 2 != coefficients:
+        raise CheckpointError(f"The checkpoint's features_rest has {rest.shape[1]} SH coefficients per colour: not (degree + 1)² - 1.")
+    return degree
+
+
+def adopt_scene_settings(model: Any, checkpoint: Path, state: Dict[str, Any]) -> List[str]:
+    """Make the edit's model render the loaded scene as its own run did; returns the changes made.
+
+    The SH degree follows the checkpoint's colour tensors (another one cannot load them). The
+    rasterize mode and the camera-optimizer mode (whose pose corrections the checkpoint holds)
+    follow the run's config.yml where this run leaves them at their defaults: a value given on the
+    command line wins.
+    """
+    changes = []
+    degree = sh_degree_of(state["pipeline"])
+    if degree is not None and degree != model.sh_degree:
+        changes.append(f"sh_degree {model.sh_degree} -> {degree} (the degree of the checkpoint's colours)")
+        model.sh_degree = degree
+    source = run_config(checkpoint).get("pipeline", {}).get("model", {})
+    source = source if isinstance(source, dict) else {}
+    defaults = type(model)()
+    rasterize = source.get("rasterize_mode")
+    if rasterize in ("classic", "antialiased") and model.rasterize_mode == defaults.rasterize_mode != rasterize:
+        changes.append(f"rasterize_mode {model.rasterize_mode} -> {rasterize} (as the scene was trained)")
+        model.rasterize_mode = rasterize
+    camera = source.get("camera_optimizer")
+    mode = camera.get("mode") if isinstance(camera, dict) else None
+    if mode in ("off", "SO3xR3", "SE3") and model.camera_optimizer.mode == defaults.camera_optimizer.mode != mode:
+        changes.append(f"camera_optimizer.mode {model.camera_optimizer.mode} -> {mode} (the checkpoint's pose corrections)")
+        model.camera_optimizer.mode = mode
+    return changes
 
 
 def load_checkpoint_state(checkpoint: Path) -> Dict[str, Any]:
@@ -183,6 +248,11 @@ class IGS2GSTrainer(Trainer):
         self.checkpoint_path = find_checkpoint(self.config.load_dir, self.config.load_step, self.config.load_checkpoint)
         self.loaded_state: Optional[Dict[str, Any]] = load_checkpoint_state(self.checkpoint_path)
         check_same_scene(self.checkpoint_path, self._train_dataparser_outputs())
+        changes = adopt_scene_settings(pipeline.model, self.checkpoint_path, self.loaded_state)
+        if changes:
+            CONSOLE.print("Following the loaded scene: " + "; ".join(changes) + ".")
+            # ns-export, ns-render and a resume rebuild the model from the run's config.yml.
+            write_atomically(self.config.get_base_dir() / "config.yml", yaml.dump(self.config).encode("utf8"))
         super().setup(test_mode)
         # nerfstudio's console counts "% Done" and the ETA up to max_num_iterations as an absolute step;
         # an edit starts at the loaded step (e.g. 30000), so count up to the step the edit ends at.
