@@ -212,6 +212,7 @@ class IGS2GSModel(SplatfactoModel):
             height,
             sh_degree,
             render_depth=render_depth,
+            antialiased=self.config.rasterize_mode == "antialiased",
         )
         if self.training:
             self.strategy.step_pre_backward(self.gauss_params, self.optimizers, self.strategy_state, self.step, self.info)

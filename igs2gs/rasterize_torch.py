@@ -50,17 +50,22 @@ def rasterize(
     eps2d: float = 0.3,
     near_plane: float = 0.01,
     far_plane: float = 1e10,
+    antialiased: bool = False,
 ) -> Tuple[Tensor, Tensor, Dict]:
     """Render one camera. Shapes follow ``gsplat.rasterization`` with C = 1.
 
     means [N,3], quats [N,4] (unnormalised), scales [N,3] (activated), opacities [N] (activated),
     colors [N,K,3] SH coefficients (``sh_degree`` set) or [N,3] RGB, viewmat [1,4,4], K [1,3,3].
+    ``antialiased`` scales each opacity by the ``eps2d`` blur's compensation, as gsplat's mode of that name.
     Returns render [1,H,W,3(+1 depth)], alpha [1,H,W,1] and the info dict.
     """
     covars, _ = _quat_scale_to_covar_preci(quats, scales, compute_covar=True, compute_preci=False, triu=False)
-    radii, means2d, depths, conics, _ = _fully_fused_projection(
-        means, covars, viewmat, K, width, height, eps2d=eps2d, near_plane=near_plane, far_plane=far_plane
+    radii, means2d, depths, conics, compensations = _fully_fused_projection(
+        means, covars, viewmat, K, width, height, eps2d=eps2d, near_plane=near_plane, far_plane=far_plane,
+        calc_compensations=antialiased,
     )
+    if compensations is not None:
+        opacities = opacities * compensations[0]
     if means2d.requires_grad:
         means2d.retain_grad()
         # gsplat's kernels accumulate |dL/dmean2d| per pixel ("absgrad"); autograd gives only the

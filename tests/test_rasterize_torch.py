@@ -36,6 +36,15 @@ def test_single_gaussian_peaks_at_the_principal_point_with_its_opacity():
     assert alpha[0, 0, 0, 0] < 1e-3 and info["radii"][0, 0] > 0
 
 
+def test_antialiased_mode_scales_opacity_by_the_blur_compensation():
+    g = one_gaussian(2.0, 0.05, 0.8, [1.0, 0.5, 0.25])
+    _, alpha, _ = rasterize(**g, viewmat=torch.eye(4)[None], K=K, width=SIZE, height=SIZE, sh_degree=None, antialiased=True)
+    footprint = (40 * 0.05 / 2.0) ** 2  # isotropic: the 0.3 px² blur widens each axis alike
+    compensation = footprint / (footprint + 0.3)  # sqrt of the determinants' ratio
+    expected = 0.8 * compensation * math.exp(-0.5 * 0.5 / (footprint + 0.3))
+    assert alpha[0, 15, 15, 0].item() == pytest.approx(expected, rel=1e-4)
+
+
 def test_nearer_gaussian_occludes_the_farther_one():
     near, far = one_gaussian(2.0, 0.2, 0.99, [1.0, 0.0, 0.0]), one_gaussian(4.0, 0.4, 0.99, [0.0, 0.0, 1.0])
     both = {key: torch.cat([far[key], near[key]]) for key in near}  # far first: order must not matter
@@ -68,19 +77,22 @@ def random_gaussians(count: int, device: str, seed: int = 0):
 
 
 @pytest.mark.gpu
-def test_torch_path_matches_gsplat_on_the_same_gaussians():
+@pytest.mark.parametrize("mode", ["classic", "antialiased"])
+def test_torch_path_matches_gsplat_on_the_same_gaussians(mode):
     from gsplat.rendering import rasterization
 
     size = 128
     Ks = torch.tensor([[[150.0, 0.0, 64.0], [0.0, 150.0, 64.0], [0.0, 0.0, 1.0]]], device="cuda")
     viewmat = torch.eye(4, device="cuda")[None]
     gaussians = random_gaussians(3000, "cuda")
-    ours, ours_alpha, _ = rasterize(**gaussians, viewmat=viewmat, K=Ks, width=size, height=size, sh_degree=3)
+    ours, ours_alpha, _ = rasterize(
+        **gaussians, viewmat=viewmat, K=Ks, width=size, height=size, sh_degree=3, antialiased=mode == "antialiased"
+    )
     theirs, theirs_alpha, _ = rasterization(
         gaussians["means"], gaussians["quats"], gaussians["scales"], gaussians["opacities"], gaussians["colors"],
-        viewmat, Ks, size, size, sh_degree=3, packed=False,
+        viewmat, Ks, size, size, sh_degree=3, packed=False, rasterize_mode=mode,
     )
     mse = torch.mean((ours.clamp(0, 1) - theirs.clamp(0, 1)) ** 2).item()
     psnr = -10 * math.log10(max(mse, 1e-12))
-    print(f"torch rasterizer vs gsplat: PSNR {psnr:.1f} dB, alpha max diff {(ours_alpha - theirs_alpha).abs().max().item():.4f}")
+    print(f"torch rasterizer vs gsplat ({mode}): PSNR {psnr:.1f} dB, alpha max diff {(ours_alpha - theirs_alpha).abs().max().item():.4f}")
     assert psnr >= 35.0
