@@ -20,9 +20,10 @@ def edit_trainer(
     vis: str = "tensorboard",
     timestamp: Optional[str] = None,
     model: Optional[Dict[str, Any]] = None,
+    trainer: Optional[Dict[str, Any]] = None,
     **pipeline: Any,
 ):
-    """A set-up igs2gs trainer; ``model`` and ``pipeline`` override fields of those configs."""
+    """A set-up igs2gs trainer; ``model``, ``trainer`` and ``pipeline`` override fields of those configs."""
     from igs2gs.config import igs2gs_method
 
     config = copy.deepcopy(igs2gs_method.config)
@@ -38,11 +39,13 @@ def edit_trainer(
         setattr(config.pipeline.model, key, value)
     for key, value in pipeline.items():
         setattr(config.pipeline, key, value)
+    for key, value in (trainer or {}).items():
+        setattr(config, key, value)
     if timestamp is None:
         config.set_timestamp()
     else:
         config.timestamp = timestamp
     config.save_config()  # as ns-train does: creates the run folder
-    trainer = config.setup(local_rank=0, world_size=1)
-    trainer.setup()
-    return trainer
+    built = config.setup(local_rank=0, world_size=1)
+    built.setup()
+    return built

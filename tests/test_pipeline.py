@@ -154,8 +154,8 @@ def test_viewer_serves_an_igs2gs_run_without_the_editor(edited_run, private_ip2p
 
 
 # --------------------------------------------------------------------------- in-process runs
-def make_trainer(scene: Path, load_dir: Path, ip2p: Path, output: Path, timestamp: str, model_prompt=None, **pipeline):
-    """A CPU igs2gs trainer with the tiny editor; ``pipeline`` overrides pipeline config fields."""
+def make_trainer(scene: Path, load_dir: Path, ip2p: Path, output: Path, timestamp: str, model_prompt=None, trainer=None, **pipeline):
+    """A CPU igs2gs trainer with the tiny editor; ``pipeline`` (``trainer``) overrides pipeline (trainer) config fields."""
     settings = dict(
         prompt="make it look like a watercolour painting",
         ip2p_model=str(ip2p),
@@ -164,7 +164,7 @@ def make_trainer(scene: Path, load_dir: Path, ip2p: Path, output: Path, timestam
     )
     settings.update(pipeline)
     model = dict(lpips_pretrained_backbone=False, stop_split_at=0, prompt=model_prompt)  # ns-train's --prompt sets model.prompt
-    return edit_trainer(scene, load_dir, output, device="cpu", timestamp=timestamp, model=model, **settings)
+    return edit_trainer(scene, load_dir, output, device="cpu", timestamp=timestamp, model=model, trainer=trainer, **settings)
 
 
 def stored_equals_working_set(trainer, store: EditStore) -> int:
@@ -368,6 +368,27 @@ def test_settings_given_for_the_edit_win_over_the_loaded_runs(scene_dir, splatfa
     state["pipeline"]["_model.gauss_params.features_rest"] = torch.zeros(5, 4, 3)
     with pytest.raises(CheckpointError, match="4 SH coefficients"):
         adopt_scene_settings(IGS2GSModelConfig(), checkpoint, state)
+
+
+def test_a_scene_trained_with_a_bilateral_grid_loads_without_it(scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path, capsys):
+    run = Path(shutil.copytree(splatfacto_run, tmp_path / "bilagrid"))
+    checkpoint = latest_checkpoint(run)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    grid = torch.nn.Parameter(torch.zeros(TRAIN_VIEWS, 12, 4, 4, 8))
+    adam = torch.optim.Adam([grid])
+    grid.grad = torch.ones_like(grid)
+    adam.step()
+    state["pipeline"]["_model.bil_grids.grids"] = grid.detach()
+    state["optimizers"]["bilateral_grid"] = adam.state_dict()
+    state["schedulers"]["bilateral_grid"] = torch.optim.lr_scheduler.ExponentialLR(adam, 0.9).state_dict()
+    torch.save(state, checkpoint)
+    trainer = make_trainer(scene_dir, run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, "bilagrid", trainer=dict(restart_schedules=False))
+    assert "bilateral_grid" not in trainer.optimizers.optimizers
+    assert "does not train bilateral_grid" in capsys.readouterr().out
+    # The splats' own optimizer states did load.
+    means = trainer.pipeline.model.gauss_params["means"]
+    loaded = state["optimizers"]["means"]["state"][0]["exp_avg"]
+    assert torch.equal(trainer.optimizers.optimizers["means"].state[means]["exp_avg"].cpu(), loaded)
 
 
 def test_other_data_than_the_checkpoints_is_refused(splatfacto_run, tiny_ip2p_dir, tmp_path):
