@@ -67,6 +67,8 @@ class SweepState:
     """Prompt and guidance in force (the latest, if changed while running)."""
     last_sweep_step: int = -1
     """Training step at which the latest sweep started (a scheduled sweep runs once per step even across resumes)."""
+    edit_end_step: Optional[int] = None
+    """Step the edit ends at: a checkpoint from it or later is a finished edit, which a new one starts from."""
 
     def snapshot(self) -> "SweepState":
         """A copy to hand to the writer thread while this one keeps changing."""

@@ -271,8 +271,15 @@ class IGS2GSTrainer(Trainer):
         assert state is not None
         self.loaded_state = None  # free the CPU copy once loaded
         previous = EditStore(path.parent.parent / STORE_DIRNAME)
-        resuming = previous.state_path.is_file()
+        previous_state = previous.load_state()
         loaded_step = int(state["step"])
+        resuming = previous_state is not None
+        if previous_state is not None and previous_state.edit_end_step is not None and loaded_step >= previous_state.edit_end_step:
+            CONSOLE.print(
+                f"The edit in {path.parent.parent} finished at step {previous_state.edit_end_step}: starting a new edit "
+                "from its splats (the photos stay the image conditioning)."
+            )
+            resuming = False
         self._start_step = loaded_step + 1
         self.pipeline.load_pipeline(state["pipeline"], loaded_step)
         # The stale-optimizer fix: build the optimizers on the parameters that now exist.
@@ -291,6 +298,8 @@ class IGS2GSTrainer(Trainer):
         end_step = edit_start + self.config.max_num_iterations
         self.config.max_num_iterations = max(0, end_step - loaded_step)
         self.pipeline.edit_end_step = end_step
+        self.pipeline.sweep_state.edit_end_step = end_step
+        store.save_state(self.pipeline.sweep_state)
         if not resuming:  # makes the run resumable from its first sweep on (also after a kill -9 in it)
             self.save_checkpoint(loaded_step)
             self.wait_for_checkpoint()

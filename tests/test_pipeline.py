@@ -245,6 +245,23 @@ def test_resume_after_an_interrupted_sweep_restores_edits_and_finishes_the_sweep
     assert second.pipeline.edit_store.load_state().sweeps_completed == 1
 
 
+def test_a_finished_edit_is_the_start_of_a_new_one(scene_dir, edited_run, tiny_ip2p_dir, tmp_path, capsys):
+    run, _ = edited_run
+    finished = latest_checkpoint(run)
+    end = json.loads((run / "igs2gs" / "state.json").read_text())["edit_end_step"]
+    assert finished.name == f"step-{end:09d}.ckpt"
+    chained = make_trainer(scene_dir, run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, "chained", prompt="now make it snowy")
+    assert "starting a new edit from its splats" in " ".join(capsys.readouterr().out.split())  # rich wraps lines
+    pipeline = chained.pipeline
+    state = pipeline.edit_store.load_state()
+    assert (state.edit_start_step, state.sweeps_completed, state.edit_end_step) == (end, 0, end + 7500)
+    assert pipeline.prompt == "now make it snowy" and not list(pipeline.edit_store.edits_dir.glob("view_*.png"))
+    # Training starts on the photos again (the first sweep replaces them with edits of the edited splats).
+    for view in range(TRAIN_VIEWS):
+        assert torch.equal(pipeline.datamanager.working_image(view).cpu(), pipeline.datamanager.original_images[view].cpu())
+    assert pipeline.sweep_due(chained._start_step) == 0
+
+
 def test_kill_9_mid_sweep_then_resume_continues_the_sweep(scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path):
     args = igs2gs_args(
         scene_dir, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path / "killed",
@@ -384,7 +401,7 @@ def test_a_scene_trained_with_a_bilateral_grid_loads_without_it(scene_dir, splat
     torch.save(state, checkpoint)
     trainer = make_trainer(scene_dir, run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, "bilagrid", trainer=dict(restart_schedules=False))
     assert "bilateral_grid" not in trainer.optimizers.optimizers
-    assert "does not train bilateral_grid" in capsys.readouterr().out
+    assert "does not train bilateral_grid" in " ".join(capsys.readouterr().out.split())  # rich wraps lines
     # The splats' own optimizer states did load.
     means = trainer.pipeline.model.gauss_params["means"]
     loaded = state["optimizers"]["means"]["state"][0]["exp_avg"]
