@@ -116,11 +116,18 @@ class _PlainYamlLoader(yaml.SafeLoader):
     (a run of a plugin that is not installed here still reads)."""
 
 
-def _plain(loader: yaml.SafeLoader, _suffix: str, node: yaml.Node) -> Any:
+def _plain(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> Any:
+    """An object as a dict (with its class name under ``_class``), a path as a string, anything else plain."""
     if isinstance(node, yaml.MappingNode):
-        return loader.construct_mapping(node, deep=True)
+        value = loader.construct_mapping(node, deep=True)
+        if suffix.startswith("object:"):
+            value["_class"] = suffix.rsplit(".", 1)[-1]
+        return value
     if isinstance(node, yaml.SequenceNode):
-        return loader.construct_sequence(node, deep=True)
+        items = loader.construct_sequence(node, deep=True)
+        if suffix.endswith("Path"):
+            return str(Path(*items)) if items else None
+        return items
     return loader.construct_scalar(node)
 
 
@@ -200,7 +207,34 @@ def load_checkpoint_state(checkpoint: Path) -> Dict[str, Any]:
     return state
 
 
-def check_same_scene(checkpoint: Path, dataparser_outputs) -> None:
+def dataparser_differences(checkpoint: Path, datamanager: Any) -> List[str]:
+    """How this edit's --data and dataparser differ from those in the config.yml of the scene's run."""
+    source = run_config(checkpoint).get("pipeline", {}).get("datamanager", {})
+    source = source if isinstance(source, dict) else {}
+    differences = []
+    trained_on = source.get("data")
+    if isinstance(trained_on, str) and datamanager.data is not None and Path(trained_on).resolve() != Path(datamanager.data).resolve():
+        differences.append(f"the scene was trained on --data {trained_on}")
+    parser, ours = source.get("dataparser"), datamanager.dataparser
+    if not isinstance(parser, dict):
+        return differences
+    if parser.get("_class", type(ours).__name__) != type(ours).__name__:
+        from nerfstudio.configs.dataparser_configs import all_dataparsers
+
+        names = [name for name, config in all_dataparsers.items() if type(config).__name__ == parser["_class"]]
+        how = f" (add `{names[0]}` and its options at the end of the command)" if names else ""
+        differences.append(f"its data was parsed with {parser['_class']}{how}, this edit's with {type(ours).__name__}")
+        return differences
+    for key, value in sorted(parser.items()):
+        if key.startswith("_") or key == "data" or not hasattr(ours, key):
+            continue
+        mine = getattr(ours, key)
+        if isinstance(mine, (str, int, float, bool, type(None))) and mine != value:
+            differences.append(f"its dataparser had {key.replace('_', '-')} {value!r}, this edit's has {mine!r}")
+    return differences
+
+
+def check_same_scene(checkpoint: Path, dataparser_outputs, datamanager: Any) -> None:
     """Refuse data whose scene normalisation differs from the one the checkpoint was trained in.
 
     The splats live in the dataparser's normalised frame; other data (or other dataparser
@@ -215,9 +249,12 @@ def check_same_scene(checkpoint: Path, dataparser_outputs) -> None:
     ours = dataparser_outputs.dataparser_transform.float()
     scale_ratio = float(dataparser_outputs.dataparser_scale) / float(recorded["scale"])
     if not torch.allclose(transform, ours, atol=1e-4) or abs(scale_ratio - 1) > 1e-4:
+        known = dataparser_differences(checkpoint, datamanager)
         raise CheckpointError(
             f"--data does not match the checkpoint's training data: its scene normalisation ({saved}) differs from "
-            "the one computed now (other images, poses or dataparser settings). Pass the --data the scene was trained on."
+            "the one computed now (other images, poses or dataparser settings)"
+            + (": " + "; ".join(known) if known else "")
+            + ". Pass the --data and dataparser options the scene was trained with."
         )
 
 
@@ -247,7 +284,7 @@ class IGS2GSTrainer(Trainer):
         check_edit_settings(pipeline, str(self.device))
         self.checkpoint_path = find_checkpoint(self.config.load_dir, self.config.load_step, self.config.load_checkpoint)
         self.loaded_state: Optional[Dict[str, Any]] = load_checkpoint_state(self.checkpoint_path)
-        check_same_scene(self.checkpoint_path, self._train_dataparser_outputs())
+        check_same_scene(self.checkpoint_path, self._train_dataparser_outputs(), pipeline.datamanager)
         changes = adopt_scene_settings(pipeline.model, self.checkpoint_path, self.loaded_state)
         if changes:
             CONSOLE.print("Following the loaded scene: " + "; ".join(changes) + ".")

@@ -412,8 +412,28 @@ def test_other_data_than_the_checkpoints_is_refused(splatfacto_run, tiny_ip2p_di
     from igs2gs.trainer import CheckpointError
 
     other = make_scene(tmp_path / "other", views=12, size=40, seed=5, points=300)
-    with pytest.raises(CheckpointError, match="does not match"):
+    with pytest.raises(CheckpointError, match="does not match") as refused:
         make_trainer(other, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, "otherdata")
+    assert "the scene was trained on --data" in str(refused.value)
+
+
+def test_the_refusal_names_the_dataparser_settings_that_differ(scene_dir, splatfacto_run):
+    from nerfstudio.data.dataparsers.colmap_dataparser import ColmapDataParserConfig
+
+    from igs2gs.datamanager import IGS2GSDataManagerConfig
+    from igs2gs.trainer import dataparser_differences
+
+    checkpoint = latest_checkpoint(splatfacto_run)
+    datamanager = IGS2GSDataManagerConfig(data=scene_dir)
+    assert dataparser_differences(checkpoint, datamanager) == []
+    datamanager.dataparser.scale_factor, datamanager.dataparser.orientation_method = 2.0, "pca"
+    assert dataparser_differences(checkpoint, datamanager) == [
+        "its dataparser had orientation-method 'up', this edit's has 'pca'",
+        "its dataparser had scale-factor 1.0, this edit's has 2.0",
+    ]
+    datamanager.dataparser = ColmapDataParserConfig()
+    (difference,) = dataparser_differences(checkpoint, datamanager)
+    assert "parsed with NerfstudioDataParserConfig (add `nerfstudio-data`" in difference
 
 
 def test_empty_prompt_is_refused_and_the_default_one_warns(scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path, capsys):
