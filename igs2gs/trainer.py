@@ -4,8 +4,9 @@ nerfstudio 1.1.5 builds the optimizers before loading a checkpoint, and splatfac
 ``load_state_dict`` replaces every Gaussian parameter with a new tensor: the optimizers keep
 stepping the discarded tensors and the scene never changes. Here the optimizers are rebuilt on
 the loaded parameters (then given the checkpoint's Adam state), the learning-rate schedules start
-at the loaded step, and the edit store beside the checkpoints is attached (and restored on resume).
-Checkpoints are written atomically.
+at the loaded step, and the edit store beside the checkpoints is attached (and restored on resume;
+a finished edit is the start of a new one). The model follows the loaded run's SH degree, rasterize
+and camera-optimizer modes (``adopt_scene_settings``). Checkpoints are written atomically.
 """
 
 from __future__ import annotations
