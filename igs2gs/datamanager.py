@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from nerfstudio.cameras.cameras import Cameras
+from nerfstudio.configs.dataparser_configs import AnnotatedDataParserUnion
 from nerfstudio.data.datamanagers.full_images_datamanager import FullImageDatamanager, FullImageDatamanagerConfig
 from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
 
@@ -62,7 +63,9 @@ class IGS2GSDataManagerConfig(FullImageDatamanagerConfig):
     """Full images, with the original photos kept beside the edited working set."""
 
     _target: Type = field(default_factory=lambda: IGS2GSDataManager)
-    dataparser: NerfstudioDataParserConfig = field(default_factory=lambda: NerfstudioDataParserConfig(load_3D_points=True))
+    dataparser: AnnotatedDataParserUnion = field(default_factory=lambda: NerfstudioDataParserConfig(load_3D_points=True))
+    """How --data is read: nerfstudio-data by default; any nerfstudio dataparser as a subcommand at the end of the
+    command (e.g. ``colmap``), the one the scene was trained with."""
     cache_images_type: Literal["uint8", "float32"] = "uint8"
     """Image type of the caches (uint8 holds four times as many views in the same memory)."""
 

@@ -20,6 +20,8 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
+from nerfstudio.configs.dataparser_configs import AnnotatedDataParserUnion
+from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
 
 from igs2gs.pipeline import DEFAULT_IP2P_MODEL, IGS2GSPipelineConfig, device_problem, edit_generator, schedule_problems
 
@@ -33,9 +35,12 @@ class PreviewConfig:
     """Edit a few training photos with InstructPix2Pix at several guidance settings and write one sheet."""
 
     data: Path
-    """The scene folder (nerfstudio format), as given to ns-train igs2gs --data."""
+    """The scene folder, as given to ns-train igs2gs --data."""
     prompt: str
     """The edit instruction, e.g. 'make him a marble statue'."""
+    dataparser: AnnotatedDataParserUnion = field(default_factory=lambda: NerfstudioDataParserConfig(load_3D_points=False))
+    """How --data is read: nerfstudio-data by default, or the dataparser the scene was trained with as a subcommand at
+    the end of the command (e.g. ``colmap``)."""
     output: Path = Path("igs2gs_preview.png")
     """Where the sheet (PNG) is written."""
     views: int = 4
@@ -72,8 +77,14 @@ def check_preview(config: PreviewConfig) -> None:
     if not config.prompt.strip():
         raise ValueError('The edit instruction is empty: pass one with --prompt "make him a marble statue".')
     data = Path(config.data)
-    if not (data / "transforms.json").is_file() and not (data.suffix == ".json" and data.is_file()):
-        raise ValueError(f"--data {data}: no transforms.json there (give the nerfstudio scene folder that ns-train igs2gs --data takes).")
+    nerfstudio_format = isinstance(config.dataparser, NerfstudioDataParserConfig)
+    if nerfstudio_format and not (data / "transforms.json").is_file() and not (data.suffix == ".json" and data.is_file()):
+        raise ValueError(
+            f"--data {data}: no transforms.json there (give the scene folder that ns-train igs2gs --data takes, and the "
+            "dataparser it was trained with as a subcommand at the end, e.g. `colmap`)."
+        )
+    if not data.exists():
+        raise ValueError(f"--data {data}: no such file or folder.")
     if not config.guidance_scales or not config.image_guidance_scales:
         raise ValueError("--guidance-scales and --image-guidance-scales need at least one value each.")
     problems = schedule_problems(config.lower_bound, config.upper_bound, config.diffusion_steps, prefix="--")
@@ -93,7 +104,7 @@ def preview_edits(config: PreviewConfig) -> Tuple[np.ndarray, Dict[Tuple[float, 
     check_preview(config)
     started = time.perf_counter()
     # The igs2gs datamanager: its photos are exactly the ones the edit conditions on (undistorted).
-    datamanager = IGS2GSDataManagerConfig(data=Path(config.data)).setup(device="cpu")
+    datamanager = IGS2GSDataManagerConfig(data=Path(config.data), dataparser=config.dataparser).setup(device="cpu")
     views = spread_views(len(datamanager.original_images), config.views)
     editor = InstructPix2Pix.from_pretrained(
         config.ip2p_model, device=config.device, dtype=torch.float32 if config.ip2p_use_full_precision else torch.float16

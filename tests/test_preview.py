@@ -70,3 +70,21 @@ def test_preview_command_writes_the_sheet_and_reports_errors_without_a_traceback
     missing = run_cli(["igs2gs-preview", *common, "--ip2p-model", str(tmp_path / "no-model")], tmp_path, check=False)
     assert missing.returncode != 0 and "Traceback" not in missing.stderr
     assert "igs2gs-preview: InstructPix2Pix" in missing.stderr and "--ip2p-model DIR for igs2gs-preview" in missing.stderr
+
+
+def test_preview_reads_the_data_with_the_dataparser_given(scene_dir, tiny_ip2p_dir, tmp_path):
+    import tyro
+    from nerfstudio.data.dataparsers.colmap_dataparser import ColmapDataParserConfig
+    from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
+
+    # The subcommand picks the dataparser; a COLMAP folder has no transforms.json and is not asked for one.
+    parsed = tyro.cli(PreviewConfig, args=["--data", str(tmp_path), "--prompt", PROMPT, "colmap", "--downscale-factor", "2"])
+    assert type(parsed.dataparser) is ColmapDataParserConfig and parsed.dataparser.downscale_factor == 2
+    check_preview(parsed)
+    # Its options reach the datamanager: half the views for training, so all 5 are edited.
+    config = PreviewConfig(
+        data=scene_dir, prompt=PROMPT, views=100, guidance_scales=(7.5,), diffusion_steps=2, ip2p_model=str(tiny_ip2p_dir),
+        device="cpu", dataparser=NerfstudioDataParserConfig(train_split_fraction=0.5),
+    )
+    _, edits, _ = preview_edits(config)
+    assert len(edits[(7.5, 1.5)]) == 5

@@ -64,3 +64,18 @@ def test_ns_train_help_lists_igs2gs_and_every_flag_with_a_description(tmp_path):
         assert flag in help_text, flag
         after = help_text.split(flag, 1)[1].split("\n", 2)
         assert any(ch.isalpha() for ch in (after[1] if len(after) > 1 else "")), f"{flag} has no description"
+
+
+def test_any_nerfstudio_dataparser_can_read_the_data(tmp_path):
+    """A scene trained with ``ns-train splatfacto ... colmap`` is edited with ``ns-train igs2gs ... colmap``."""
+    import tyro
+    from nerfstudio.configs.method_configs import AnnotatedBaseConfigUnion
+    from nerfstudio.data.dataparsers.colmap_dataparser import ColmapDataParserConfig
+    from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
+
+    default = tyro.cli(AnnotatedBaseConfigUnion, args=["igs2gs", "--data", str(tmp_path)])
+    assert type(default.pipeline.datamanager.dataparser) is NerfstudioDataParserConfig
+    assert default.pipeline.datamanager.dataparser.load_3D_points  # splatfacto's seed points
+    colmap = tyro.cli(AnnotatedBaseConfigUnion, args=["igs2gs", "--data", str(tmp_path), "colmap", "--downscale-factor", "2"])
+    assert type(colmap.pipeline.datamanager.dataparser) is ColmapDataParserConfig
+    assert colmap.pipeline.datamanager.dataparser.downscale_factor == 2
