@@ -297,12 +297,24 @@ class IGS2GSTrainer(Trainer):
         writer.GLOBAL_BUFFER["max_iter"] = self.pipeline.edit_end_step
 
     def _train_dataparser_outputs(self):
-        """The training split as the datamanager will parse it (poses and normalisation only, no images)."""
+        """The training split as the datamanager will parse it (poses and normalisation only, no images).
+
+        Data the dataparser cannot read (most often: a COLMAP folder without the ``colmap`` subcommand)
+        is refused here, with what the scene's run used, instead of with a traceback from the dataparser.
+        """
         datamanager = self.config.pipeline.datamanager
         dataparser = copy.deepcopy(datamanager.dataparser)
         if datamanager.data is not None:
             dataparser.data = Path(datamanager.data)
-        return dataparser.setup().get_dataparser_outputs(split="train")
+        try:
+            return dataparser.setup().get_dataparser_outputs(split="train")
+        except Exception as error:  # each dataparser fails in its own way on data it cannot read
+            known = dataparser_differences(self.checkpoint_path, datamanager)
+            raise CheckpointError(
+                f"--data {dataparser.data} could not be read with {type(dataparser).__name__} "
+                f"({type(error).__name__}: {error})" + ("; " + "; ".join(known) if known else "")
+                + ". Pass the --data and dataparser (subcommand at the end) the scene was trained with."
+            ) from None
 
     def _load_checkpoint(self) -> None:
         state, path = self.loaded_state, self.checkpoint_path

@@ -417,6 +417,16 @@ def test_other_data_than_the_checkpoints_is_refused(splatfacto_run, tiny_ip2p_di
     assert "the scene was trained on --data" in str(refused.value)
 
 
+def test_data_the_dataparser_cannot_read_is_refused_with_what_the_scene_used(splatfacto_run, tiny_ip2p_dir, tmp_path):
+    from igs2gs.trainer import CheckpointError
+
+    colmap_like = tmp_path / "colmap-scene"
+    (colmap_like / "sparse" / "0").mkdir(parents=True)  # no transforms.json: nerfstudio-data cannot read it
+    with pytest.raises(CheckpointError, match="could not be read with NerfstudioDataParserConfig") as refused:
+        make_trainer(colmap_like, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, "unreadable")
+    assert "the scene was trained on --data" in str(refused.value)
+
+
 def test_the_refusal_names_the_dataparser_settings_that_differ(scene_dir, splatfacto_run):
     from nerfstudio.data.dataparsers.colmap_dataparser import ColmapDataParserConfig
 
