@@ -195,8 +195,11 @@ class IGS2GSPipeline(VanillaPipeline):
         return torch.device(getattr(self.editor, "device", self.device))
 
     # ------------------------------------------------------------------------- state
-    def start_editing(self, store: EditStore, loaded_step: int, previous: Optional[EditStore] = None) -> None:
-        """Attach the run's edit store; when resuming, restore the stored edits into the working set."""
+    def start_editing(self, store: EditStore, loaded_step: int, edit_steps: int, previous: Optional[EditStore] = None) -> None:
+        """Attach the run's edit store; when resuming, restore the stored edits into the working set.
+
+        The edit ends ``edit_steps`` after the step it started from (recorded, so that a checkpoint
+        from its end is known as a finished edit)."""
         if previous is not None:
             store.adopt(previous)
         names = self.datamanager.image_names
@@ -217,6 +220,7 @@ class IGS2GSPipeline(VanillaPipeline):
             if state.settings and state.settings != self.edit_settings():
                 self._apply_settings(state.settings, "as last set in the run being resumed")
         state.settings = self.edit_settings()
+        state.edit_end_step = self.edit_end_step = state.edit_start_step + edit_steps
         self.edit_store, self.sweep_state = store, state
         store.save_state(state)
 

@@ -341,15 +341,11 @@ class IGS2GSTrainer(Trainer):
             self.optimizers.load_schedulers(self._own_groups(state["schedulers"], "scheduler"))
         self.grad_scaler.load_state_dict(state["scalers"])
         store = EditStore(self.base_dir / STORE_DIRNAME)
-        self.pipeline.start_editing(store, loaded_step, previous if resuming else None)
-        edit_start = self.pipeline.sweep_state.edit_start_step
-        self.pipeline.model.start_edit_at(edit_start)
         # The edit ends max_num_iterations after the step it started from, also across resumes.
-        end_step = edit_start + self.config.max_num_iterations
+        self.pipeline.start_editing(store, loaded_step, self.config.max_num_iterations, previous if resuming else None)
+        self.pipeline.model.start_edit_at(self.pipeline.sweep_state.edit_start_step)
+        end_step = self.pipeline.edit_end_step
         self.config.max_num_iterations = max(0, end_step - loaded_step)
-        self.pipeline.edit_end_step = end_step
-        self.pipeline.sweep_state.edit_end_step = end_step
-        store.save_state(self.pipeline.sweep_state)
         if not resuming:  # makes the run resumable from its first sweep on (also after a kill -9 in it)
             self.save_checkpoint(loaded_step)
             self.wait_for_checkpoint()
