@@ -23,6 +23,7 @@ import torch
 from nerfstudio.configs.dataparser_configs import AnnotatedDataParserUnion
 from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
 
+from igs2gs.datamanager import IGS2GSDataManagerConfig
 from igs2gs.pipeline import DEFAULT_IP2P_MODEL, IGS2GSPipelineConfig, device_problem, edit_generator, schedule_problems
 
 _DEFAULTS = IGS2GSPipelineConfig()
@@ -38,9 +39,9 @@ class PreviewConfig:
     """The scene folder, as given to ns-train igs2gs --data."""
     prompt: str
     """The edit instruction, e.g. 'make him a marble statue'."""
-    dataparser: AnnotatedDataParserUnion = field(default_factory=lambda: NerfstudioDataParserConfig(load_3D_points=False))
-    """How --data is read: nerfstudio-data by default, or the dataparser the scene was trained with as a subcommand at
-    the end of the command (e.g. ``colmap``)."""
+    dataparser: AnnotatedDataParserUnion = field(default_factory=lambda: IGS2GSDataManagerConfig().dataparser)
+    """How --data is read, as by ns-train igs2gs: nerfstudio-data by default, or the dataparser the scene was trained
+    with as a subcommand at the end of the command (e.g. ``colmap``)."""
     output: Path = Path("igs2gs_preview.png")
     """Where the sheet (PNG) is written."""
     views: int = 4
@@ -98,7 +99,6 @@ def check_preview(config: PreviewConfig) -> None:
 def preview_edits(config: PreviewConfig) -> Tuple[np.ndarray, Dict[Tuple[float, float], Dict[int, torch.Tensor]], Dict[str, float]]:
     """Edit the views at every setting; returns the sheet (uint8 [H, W, 3]), the edits by setting and
     view (float [3, H, W] in [0, 1]) and timings."""
-    from igs2gs.datamanager import IGS2GSDataManagerConfig
     from igs2gs.ip2p import InstructPix2Pix
 
     check_preview(config)

@@ -334,11 +334,14 @@ class IGS2GSTrainer(Trainer):
         self.pipeline.load_pipeline(state["pipeline"], loaded_step)
         # The stale-optimizer fix: build the optimizers on the parameters that now exist.
         self.optimizers = self.setup_optimizers()
-        self.optimizers.load_optimizers(self._own_groups(state["optimizers"], "optimizer"))
+        left = sorted(set(state["optimizers"]) - set(self.optimizers.optimizers))
+        if left:
+            CONSOLE.print(f"The edit does not train {', '.join(left)} of the loaded scene: their optimizer states are left.")
+        self.optimizers.load_optimizers(self._own_groups(state["optimizers"]))
         if self.config.fused_adam:
             use_fused_adam(self.optimizers.optimizers)
         if "schedulers" in state and (resuming or not self.config.restart_schedules):
-            self.optimizers.load_schedulers(self._own_groups(state["schedulers"], "scheduler"))
+            self.optimizers.load_schedulers(self._own_groups(state["schedulers"]))
         self.grad_scaler.load_state_dict(state["scalers"])
         store = EditStore(self.base_dir / STORE_DIRNAME)
         # The edit ends max_num_iterations after the step it started from, also across resumes.
@@ -354,15 +357,12 @@ class IGS2GSTrainer(Trainer):
             f"{'resuming the edit' if resuming else 'editing'} until step {end_step}."
         )
 
-    def _own_groups(self, states: Dict[str, Any], kind: str) -> Dict[str, Any]:
+    def _own_groups(self, states: Dict[str, Any]) -> Dict[str, Any]:
         """The checkpoint's optimizer or scheduler states for the parameter groups this edit trains.
 
         A scene trained with a bilateral grid has states for it; the edit trains none unless asked
         (a per-image colour correction would absorb the edit instead of the splats), so they are left.
         """
-        left = sorted(set(states) - set(self.optimizers.optimizers))
-        if left and kind == "optimizer":
-            CONSOLE.print(f"The edit does not train {', '.join(left)} of the loaded scene: their optimizer states are left.")
         return {name: value for name, value in states.items() if name in self.optimizers.optimizers}
 
     def save_checkpoint(self, step: int) -> None:
