@@ -4,6 +4,12 @@
 them. The working set is nerfstudio's own image cache (``cached_train``), which the loss reads;
 sweeps ``replace`` its images with edits. Edits are quantised to 8 bits on the way in, so what
 the loss sees is exactly what the edit store writes to disk.
+
+Photos with an alpha channel (objects cut out of their background) are shown to IP2P over
+``background``, the colour the sweep renders are drawn over, and keep their transparency: an
+edit is swapped in as straight RGBA with the photo's alpha, so that splatfacto's loss, which
+composites the target over its random training background, still learns a transparent
+background (the edit's changes outside the photo's silhouette are dropped).
 """
 
 from __future__ import annotations
@@ -74,6 +80,9 @@ class IGS2GSDataManager(FullImageDatamanager):
     """``FullImageDatamanager`` whose training images can be swapped for edits."""
 
     config: IGS2GSDataManagerConfig
+    background: Tensor = torch.tensor([0.1490, 0.1647, 0.2157])
+    """What transparent photo pixels show to IP2P: the colour the sweep renders are drawn over. The
+    pipeline sets the model's; this default is splatfacto's eval background for ``background_color random``."""
 
     def _load_images(self, split: Literal["train", "eval"], cache_images_device: Literal["cpu", "gpu"]):
         # nerfstudio pins CPU caches, which needs a CUDA driver; without one the images stay
@@ -102,8 +111,8 @@ class IGS2GSDataManager(FullImageDatamanager):
 
     @cached_property
     def original_images(self) -> List[Tensor]:
-        """The undistorted training photos [H, W, 3], as cached before any edit."""
-        return [entry["image"][..., :3].clone() for entry in self.cached_train]
+        """The undistorted training photos [H, W, 3 or 4 (alpha)], as cached before any edit."""
+        return [entry["image"].clone() for entry in self.cached_train]
 
     @property
     def image_names(self) -> List[str]:
@@ -111,15 +120,25 @@ class IGS2GSDataManager(FullImageDatamanager):
         return [path.name for path in self.train_dataparser_outputs.image_filenames]
 
     def originals(self, view_ids: Sequence[int], device: torch.device) -> Tensor:
-        """Original photos of ``view_ids`` as float [B, 3, H, W] in [0, 1] on ``device``."""
-        return torch.stack([self._as_float(self.original_images[i]) for i in view_ids]).permute(0, 3, 1, 2).to(device)
+        """Original photos of ``view_ids`` as float [B, 3, H, W] in [0, 1] on ``device``, over ``background``."""
+        photos = [self.over_background(self.original_images[i]) for i in view_ids]
+        return torch.stack(photos).permute(0, 3, 1, 2).to(device)
+
+    def over_background(self, image: Tensor) -> Tensor:
+        """A cached image [H, W, 3 or 4] as float RGB [H, W, 3], composited over ``background`` if it has alpha."""
+        image = self._as_float(image)
+        if image.shape[-1] != 4:
+            return image
+        alpha = image[..., 3:]
+        return image[..., :3] * alpha + self.background.to(image.device) * (1 - alpha)
 
     def working_image(self, view_id: int) -> Tensor:
-        """The image the loss currently uses for ``view_id`` [H, W, 3]."""
+        """The image the loss currently uses for ``view_id`` [H, W, 3 or 4], as cached."""
         return self.cached_train[view_id]["image"]
 
     def replace(self, view_ids: Sequence[int], images: Tensor) -> Tensor:
-        """Swap edits (float [B, 3, H, W] in [0, 1]) into the working set; returns them as uint8 [B, H, W, 3]."""
+        """Swap edits (float [B, 3, H, W] in [0, 1], drawn over ``background``) into the working set; returns them
+        as uint8 [B, H, W, 3], the form the edit store writes and ``replace_uint8`` takes back."""
         if images.dim() != 4 or images.shape[0] != len(view_ids) or images.shape[1] != 3:
             raise ValueError(f"expected {len(view_ids)} images of shape [3, H, W], got {tuple(images.shape)}")
         quantised = to_uint8(images.permute(0, 2, 3, 1))
@@ -128,7 +147,7 @@ class IGS2GSDataManager(FullImageDatamanager):
 
     def replace_uint8(self, edits: Dict[int, Tensor]) -> None:
         """Swap uint8 [H, W, 3] edits into the working set (also used to restore persisted edits)."""
-        _ = self.original_images  # keep the photos before the first edit replaces one (a resume restores edits first)
+        photos = self.original_images  # kept before the first edit replaces one (a resume restores edits first)
         for view_id, edit in edits.items():
             entry = self.cached_train[view_id]
             current = entry["image"]
@@ -136,8 +155,19 @@ class IGS2GSDataManager(FullImageDatamanager):
                 raise ValueError(
                     f"edit for view {view_id} has shape {tuple(edit.shape)}, the view is {tuple(current.shape[:2])}"
                 )
+            if photos[view_id].shape[-1] == 4:
+                edit = self._with_photo_alpha(edit, photos[view_id])
             image = edit if current.dtype == torch.uint8 else edit.float() / 255.0
             entry["image"] = image.to(current.device, current.dtype)
+
+    def _with_photo_alpha(self, edit: Tensor, photo: Tensor) -> Tensor:
+        """A uint8 edit drawn over ``background`` as uint8 straight RGBA with the photo's alpha: composited over
+        ``background`` it is the edit again; over another colour, that colour shows where the photo is clear."""
+        alpha = self._as_float(photo[..., 3:]).to(edit.device)
+        drawn = edit.float() / 255.0
+        behind = (1 - alpha) * self.background.to(edit.device)
+        colour = torch.where(alpha > 0, (drawn - behind) / alpha.clamp(min=1e-6), drawn)
+        return torch.cat([to_uint8(colour), to_uint8(alpha)], dim=-1)
 
     @staticmethod
     def _as_float(image: Tensor) -> Tensor:

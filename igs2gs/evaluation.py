@@ -17,9 +17,8 @@ from igs2gs.oracle import oracle_transform
 
 
 def eval_photo(datamanager, index: int) -> Tensor:
-    """Held-out photo ``index`` as float [H, W, 3] in [0, 1] (uint8 or float cache)."""
-    image = datamanager.cached_eval[index]["image"][..., :3]
-    return image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
+    """Held-out photo ``index`` as float [H, W, 3] in [0, 1], over the render background if it has alpha."""
+    return datamanager.over_background(datamanager.cached_eval[index]["image"])
 
 
 @torch.no_grad()

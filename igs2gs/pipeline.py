@@ -127,6 +127,7 @@ class IGS2GSPipeline(VanillaPipeline):
         grad_scaler: Optional[GradScaler] = None,
     ) -> None:
         super().__init__(config, device, test_mode, world_size, local_rank, grad_scaler)
+        self.datamanager.background = self.model.background_color  # what sweep renders show where nothing is drawn
         self.prompt = config.model.prompt or config.prompt
         self.editor: Optional[Editor] = None
         self.edit_store: Optional[EditStore] = None

@@ -104,7 +104,13 @@ def preview_edits(config: PreviewConfig) -> Tuple[np.ndarray, Dict[Tuple[float, 
     check_preview(config)
     started = time.perf_counter()
     # The igs2gs datamanager: its photos are exactly the ones the edit conditions on (undistorted).
-    datamanager = IGS2GSDataManagerConfig(data=Path(config.data), dataparser=config.dataparser).setup(device="cpu")
+    try:
+        datamanager = IGS2GSDataManagerConfig(data=Path(config.data), dataparser=config.dataparser).setup(device="cpu")
+    except Exception as error:  # each dataparser fails in its own way on data it cannot read
+        raise ValueError(
+            f"--data {config.data} could not be read with {type(config.dataparser).__name__} ({type(error).__name__}: "
+            f"{error}). Give the dataparser the scene was trained with as a subcommand at the end (e.g. `colmap`)."
+        ) from None
     views = spread_views(len(datamanager.original_images), config.views)
     editor = InstructPix2Pix.from_pretrained(
         config.ip2p_model, device=config.device, dtype=torch.float32 if config.ip2p_use_full_precision else torch.float16

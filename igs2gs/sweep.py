@@ -65,10 +65,9 @@ class Sweep:
     def _add_sheet_rows(self, views: Sequence[int], renders: Tensor, stored: np.ndarray) -> None:
         """Rows of original | render | edit for the first ``sheet_views`` views of the sweep."""
         wanted = max(0, self.pipeline.config.sheet_views - len(self.sheet_rows))
+        datamanager = self.pipeline.datamanager
         for index, view in enumerate(list(views)[:wanted]):
-            original = self.pipeline.datamanager.original_images[view]
-            if original.dtype != torch.uint8:
-                original = to_uint8(original)
+            original = to_uint8(datamanager.over_background(datamanager.original_images[view]))
             render = to_uint8(renders[index].permute(1, 2, 0))
             self.sheet_rows.append(np.concatenate([original.cpu().numpy(), render.cpu().numpy(), stored[index]], axis=1))
 

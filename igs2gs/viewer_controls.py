@@ -103,7 +103,7 @@ class EditControls(ViewerControl):
             self.handles["preview"].content = ""
             return
         name = datamanager.image_names[view]
-        self.handles["preview"].content = preview_markdown(image[..., :3], f"**{mode}** of training view {view} ({name}), nearest to the viewer camera")
+        self.handles["preview"].content = preview_markdown(datamanager.over_background(image), f"**{mode}** of training view {view} ({name}), nearest to the viewer camera")
 
     def nearest_view(self) -> Optional[int]:
         """Training view whose camera is nearest to the first connected client's camera."""

@@ -498,3 +498,62 @@ def test_edit_batches_are_even_and_never_mix_image_sizes():
     sizes = [(64, 64) if v % 3 else (32, 48) for v in range(10)]
     for group in _size_groups(list(range(10)), sizes, 4):
         assert len({sizes[v] for v in group}) == 1 and len(group) <= 4
+
+
+def rgba_copy(scene: Path, out: Path) -> Path:
+    """The scene with an alpha channel: clear on the left quarter, half-transparent in a stripe beside it."""
+    shutil.copytree(scene, out)
+    for path in sorted((out / "images").glob("*.png")):
+        rgb = np.asarray(Image.open(path).convert("RGB"))
+        alpha = np.full(rgb.shape[:2], 255, np.uint8)
+        quarter = rgb.shape[1] // 4
+        alpha[:, :quarter] = 0
+        alpha[:, quarter : 2 * quarter] = 128
+        Image.fromarray(np.dstack([rgb, alpha])).save(path)
+    return out
+
+
+def test_photos_with_alpha_are_edited_over_the_render_background_and_keep_their_transparency(
+    scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path
+):
+    scene = rgba_copy(scene_dir, tmp_path / "rgba")
+    trainer = make_trainer(scene, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, "rgba")
+    pipeline, datamanager = trainer.pipeline, trainer.pipeline.datamanager
+    background = pipeline.model.background_color
+    assert torch.equal(datamanager.background, background)
+    photos = [datamanager.original_images[view].clone() for view in range(TRAIN_VIEWS)]
+    assert all(photo.shape[-1] == 4 for photo in photos)
+    shown = []
+    edit = pipeline.editor.edit
+
+    def recording_edit(renders, originals, prompt, **settings):
+        shown.append(originals.cpu())
+        return edit(renders, originals, prompt, **settings)
+
+    pipeline.editor.edit = recording_edit
+    step_pipeline(trainer, trainer._start_step)
+    assert sum(len(batch) for batch in shown) == TRAIN_VIEWS
+    first = photos[0].float() / 255
+    expected = first[..., :3] * first[..., 3:] + background * (1 - first[..., 3:])
+    assert torch.allclose(shown[0][0].permute(1, 2, 0), expected, atol=1e-6)  # IP2P sees the photo as the render shows it
+
+    edits = pipeline.edit_store.load_edits()
+    assert len(edits) == TRAIN_VIEWS
+    for view, stored in edits.items():
+        working = datamanager.working_image(view).cpu()
+        assert working.shape[-1] == 4 and torch.equal(working[..., 3], photos[view][..., 3])  # transparency kept
+        alpha = photos[view][..., 3]
+        # Over the sweep background the working image is the edit, as far as a half-clear pixel can show it
+        # (between the background's share and that plus the pixel's own), to 8-bit rounding ...
+        share = (1 - alpha.float()[..., None] / 255) * background
+        reachable = torch.minimum(torch.maximum(torch.from_numpy(stored) / 255, share), share + alpha[..., None] / 255)
+        difference = ((datamanager.over_background(working) - reachable) * 255).abs()
+        assert difference[alpha == 255].max() < 1e-3 and difference[alpha == 128].max() <= 1
+        # ... and over splatfacto's random training background the clear part shows that background.
+        other = torch.tensor([1.0, 0.0, 0.5])
+        target = pipeline.model.composite_with_background(pipeline.model.get_gt_img(working), other)
+        assert torch.equal(target[alpha == 0], other.expand(int((alpha == 0).sum()), 3))
+    # A resume restores the stored edits into the same working images.
+    before = [datamanager.working_image(view).clone() for view in range(TRAIN_VIEWS)]
+    datamanager.replace_uint8({view: torch.from_numpy(image) for view, image in edits.items()})
+    assert all(torch.equal(datamanager.working_image(view), before[view]) for view in range(TRAIN_VIEWS))

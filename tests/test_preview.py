@@ -81,6 +81,8 @@ def test_preview_reads_the_data_with_the_dataparser_given(scene_dir, tiny_ip2p_d
     parsed = tyro.cli(PreviewConfig, args=["--data", str(tmp_path), "--prompt", PROMPT, "colmap", "--downscale-factor", "2"])
     assert type(parsed.dataparser) is ColmapDataParserConfig and parsed.dataparser.downscale_factor == 2
     check_preview(parsed)
+    with pytest.raises(ValueError, match=f"--data {tmp_path} could not be read with ColmapDataParserConfig"):
+        preview_edits(parsed)  # an empty folder: a clear refusal, not a traceback from the dataparser
     # Its options reach the datamanager: half the views for training, so all 5 are edited.
     config = PreviewConfig(
         data=scene_dir, prompt=PROMPT, views=100, guidance_scales=(7.5,), diffusion_steps=2, ip2p_model=str(tiny_ip2p_dir),
