@@ -77,6 +77,18 @@ class DeferredLPIPSMetric(nn.Module):
         return self.network(images.device)(images, targets, normalize=True).mean()
 
 
+def use_eager_viewmat() -> None:
+    """Make splatfacto call its world-to-camera helper uncompiled, in this process.
+
+    nerfstudio wraps that 4x4 matrix inverse in ``torch.compile``, so the first render of every
+    process traced and compiled it (1.3 s of the first sweep on an H100, and it starts inductor's
+    compile workers) to save a few microsecond-sized kernels per step. The function is the same.
+    """
+    from nerfstudio.models import splatfacto
+
+    splatfacto.get_viewmat = getattr(splatfacto.get_viewmat, "_torchdynamo_orig_callable", splatfacto.get_viewmat)
+
+
 class BatchPSNR(nn.Module):
     """PSNR of one call's images (data range 1), as torchmetrics' PSNR returns per call, without
     its accumulated state: splatfacto logs the training PSNR every step, and the metric's state
@@ -136,6 +148,7 @@ class IGS2GSModel(SplatfactoModel):
             features = RGB2SH(colours) if self.config.sh_degree > 0 else torch.logit(colours, eps=1e-10)
             self.gauss_params["features_dc"].data.copy_(features)
         self.psnr = BatchPSNR()
+        use_eager_viewmat()
         self.refine_origin = 0
         self._graphed_lpips: Optional[GraphedLoss] = None  # built on the first CUDA training step
 

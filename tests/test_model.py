@@ -70,6 +70,22 @@ def test_model_renders_and_trains_on_cpu(scene_dir):
     assert rendered["depth"] is not None and rendered["accumulation"].max() > 0.5
 
 
+def test_splatfactos_view_matrix_is_computed_uncompiled_once_the_model_is_built(scene_dir):
+    from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
+    from nerfstudio.models import splatfacto
+
+    from igs2gs.model import IGS2GSModelConfig
+
+    outputs = NerfstudioDataParserConfig(data=scene_dir).setup().get_dataparser_outputs("train")
+    IGS2GSModelConfig(lpips_pretrained_backbone=False).setup(scene_box=outputs.scene_box, num_train_data=len(outputs.image_filenames))
+    assert not hasattr(splatfacto.get_viewmat, "_torchdynamo_orig_callable")  # no torch.compile at the first render
+    camera_to_world = outputs.cameras.camera_to_worlds[:2]
+    viewmat = splatfacto.get_viewmat(camera_to_world)
+    flipped = camera_to_world * torch.tensor([1.0, -1.0, -1.0, 1.0])  # gsplat looks down +z with y down
+    bottom = torch.tensor([[[0.0, 0.0, 0.0, 1.0]]]).expand(2, 1, 4)
+    assert torch.allclose(viewmat @ torch.cat([flipped, bottom], dim=1), torch.eye(4).expand(2, 4, 4), atol=1e-5)
+
+
 @pytest.mark.gpu
 def test_bf16_lpips_loss_and_gradient_agree_with_float32():
     """What ``lpips_bf16`` does to the loss: same value and descent direction, within bf16 error."""
