@@ -167,9 +167,10 @@ def adopt_scene_settings(model: Any, checkpoint: Path, state: Dict[str, Any]) ->
     """Make the edit's model render the loaded scene as its own run did; returns the changes made.
 
     The SH degree follows the checkpoint's colour tensors (another one cannot load them). The
-    rasterize mode and the camera-optimizer mode (whose pose corrections the checkpoint holds)
-    follow the run's config.yml where this run leaves them at their defaults: a value given on the
-    command line wins.
+    rasterize mode, the background colour (a scene trained against white shows white where it is
+    clear: sweeps must render it so, or IP2P is shown another background than the photos') and the
+    camera-optimizer mode (whose pose corrections the checkpoint holds) follow the run's config.yml
+    where this run leaves them at their defaults: a value given on the command line wins.
     """
     changes = []
     degree = sh_degree_of(state["pipeline"])
@@ -179,10 +180,11 @@ def adopt_scene_settings(model: Any, checkpoint: Path, state: Dict[str, Any]) ->
     source = run_config(checkpoint).get("pipeline", {}).get("model", {})
     source = source if isinstance(source, dict) else {}
     defaults = type(model)()
-    rasterize = source.get("rasterize_mode")
-    if rasterize in ("classic", "antialiased") and model.rasterize_mode == defaults.rasterize_mode != rasterize:
-        changes.append(f"rasterize_mode {model.rasterize_mode} -> {rasterize} (as the scene was trained)")
-        model.rasterize_mode = rasterize
+    for name, known in (("rasterize_mode", ("classic", "antialiased")), ("background_color", ("random", "black", "white"))):
+        value = source.get(name)
+        if value in known and getattr(model, name) == getattr(defaults, name) != value:
+            changes.append(f"{name} {getattr(model, name)} -> {value} (as the scene was trained)")
+            setattr(model, name, value)
     camera = source.get("camera_optimizer")
     mode = camera.get("mode") if isinstance(camera, dict) else None
     if mode in ("off", "SO3xR3", "SE3") and model.camera_optimizer.mode == defaults.camera_optimizer.mode != mode:

@@ -327,7 +327,9 @@ def test_checkpoint_of_another_method_is_refused(scene_dir, tiny_ip2p_dir, tmp_p
         make_trainer(scene_dir, models, tiny_ip2p_dir, tmp_path, "foreign")
 
 
-def scene_trained_with(splatfacto_run: Path, folder: Path, sh_degree: int, rasterize_mode: str, camera_mode: str) -> Path:
+def scene_trained_with(
+    splatfacto_run: Path, folder: Path, sh_degree: int, rasterize_mode: str, camera_mode: str, background: str = "random"
+) -> Path:
     """A copy of the splatfacto run as if trained with other model settings (colour tensors cut to ``sh_degree``)."""
     run = Path(shutil.copytree(splatfacto_run, folder))
     checkpoint = latest_checkpoint(run)
@@ -339,8 +341,9 @@ def scene_trained_with(splatfacto_run: Path, folder: Path, sh_degree: int, raste
     torch.save(state, checkpoint)
     text = (run / "config.yml").read_text()
     text, modes = re.subn(r"rasterize_mode: \w+", f"rasterize_mode: {rasterize_mode}", text)
+    text, backgrounds = re.subn(r"background_color: \w+", f"background_color: {background}", text)
     text, cameras = re.subn(r"(camera_optimizer: .*\n(?:\s+.*\n)*?\s+mode: )'?[\w]+'?", rf"\g<1>{camera_mode}", text)
-    assert modes == cameras == 1
+    assert modes == backgrounds == cameras == 1
     (run / "config.yml").write_text(text)
     return run
 
@@ -348,10 +351,12 @@ def scene_trained_with(splatfacto_run: Path, folder: Path, sh_degree: int, raste
 def test_the_edit_follows_the_loaded_scenes_model_settings(scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path):
     from igs2gs.trainer import run_config
 
-    source = scene_trained_with(splatfacto_run, tmp_path / "sh1", 1, "antialiased", "SO3xR3")
+    source = scene_trained_with(splatfacto_run, tmp_path / "sh1", 1, "antialiased", "SO3xR3", background="white")
     trainer = make_trainer(scene_dir, source / "nerfstudio_models", tiny_ip2p_dir, tmp_path, "follow")
     model = trainer.pipeline.model
     assert (model.config.sh_degree, model.config.rasterize_mode, model.config.camera_optimizer.mode) == (1, "antialiased", "SO3xR3")
+    # Sweeps render over the background the scene was trained against, and show photos with alpha over it.
+    assert model.config.background_color == "white" and torch.equal(trainer.pipeline.datamanager.background, torch.ones(3))
     assert model.gauss_params["features_rest"].shape[1] == 3
     # The checkpoint's pose corrections are loaded, not dropped.
     assert torch.allclose(model.camera_optimizer.pose_adjustment, torch.full((TRAIN_VIEWS, 6), 0.01))
@@ -368,19 +373,21 @@ def test_the_edit_follows_the_loaded_scenes_model_settings(scene_dir, splatfacto
     # The run's own config.yml says so: ns-export, ns-render and a resume rebuild this model.
     saved = run_config(latest_checkpoint(trainer.base_dir))["pipeline"]["model"]
     assert (saved["sh_degree"], saved["rasterize_mode"], saved["camera_optimizer"]["mode"]) == (1, "antialiased", "SO3xR3")
+    assert saved["background_color"] == "white"
 
 
 def test_settings_given_for_the_edit_win_over_the_loaded_runs(scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path):
     from igs2gs.model import IGS2GSModelConfig
     from igs2gs.trainer import CheckpointError, adopt_scene_settings
 
-    source = scene_trained_with(splatfacto_run, tmp_path / "classic", 3, "classic", "SE3")
+    source = scene_trained_with(splatfacto_run, tmp_path / "classic", 3, "classic", "SE3", background="white")
     checkpoint = latest_checkpoint(source)
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    model = IGS2GSModelConfig(rasterize_mode="antialiased")
+    model = IGS2GSModelConfig(rasterize_mode="antialiased", background_color="black")
     model.camera_optimizer.mode = "SO3xR3"
     assert adopt_scene_settings(model, checkpoint, state) == []
     assert (model.sh_degree, model.rasterize_mode, model.camera_optimizer.mode) == (3, "antialiased", "SO3xR3")
+    assert model.background_color == "black"
     # Colours with a coefficient count no SH degree has are refused with the reason.
     state["pipeline"]["_model.gauss_params.features_rest"] = torch.zeros(5, 4, 3)
     with pytest.raises(CheckpointError, match="4 SH coefficients"):
