@@ -23,14 +23,15 @@ def eval_photo(datamanager, index: int) -> Tensor:
 
 @torch.no_grad()
 def held_out_renders(pipeline) -> List[Tensor]:
-    """Renders [H, W, 3] of every eval view from the current splats (eval background)."""
+    """Renders [H, W, 3] of every eval view from the current splats (over the pipeline's fixed background)."""
     datamanager, model = pipeline.datamanager, pipeline.model
     datamanager.cached_eval  # caching undistorts the photos and updates the cameras' intrinsics and sizes
     cameras = datamanager.eval_dataset.cameras
     was_training = model.training
     model.eval()
     try:
-        return [model.get_outputs_for_camera(cameras[i : i + 1])["rgb"].clamp(0, 1) for i in range(len(cameras))]
+        with pipeline.fixed_background():
+            return [model.get_outputs_for_camera(cameras[i : i + 1])["rgb"].clamp(0, 1) for i in range(len(cameras))]
     finally:
         model.train(was_training)
 

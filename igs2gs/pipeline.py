@@ -127,7 +127,8 @@ class IGS2GSPipeline(VanillaPipeline):
         grad_scaler: Optional[GradScaler] = None,
     ) -> None:
         super().__init__(config, device, test_mode, world_size, local_rank, grad_scaler)
-        self.datamanager.background = self.model.background_color  # what sweep renders show where nothing is drawn
+        # What sweep renders show where nothing is drawn (the viewer re-sets the model's to its own colour).
+        self.datamanager.background = self.model.background_color.clone()
         self.prompt = config.model.prompt or config.prompt
         self.editor: Optional[Editor] = None
         self.edit_store: Optional[EditStore] = None
@@ -342,11 +343,22 @@ class IGS2GSPipeline(VanillaPipeline):
         self._update_status(step)
         return super().get_train_loss_dict(step)
 
+    @contextlib.contextmanager
+    def fixed_background(self):
+        """Inside, the model renders over the datamanager's background: the nerfstudio viewer sets the model's to the
+        colour chosen in its panel before drawing, and that choice must not change edits or metrics."""
+        viewer_background, self.model.background_color = self.model.background_color, self.datamanager.background
+        try:
+            yield
+        finally:
+            self.model.background_color = viewer_background
+
     @torch.no_grad()
     def _render(self, view_ids: Sequence[int]) -> Tensor:
-        """Renders of ``view_ids`` from the current splats, float [B, 3, H, W], fixed background."""
+        """Renders of ``view_ids`` from the current splats, float [B, 3, H, W], over the fixed background."""
         self.model.eval()  # again each time: the viewer puts the model back in training mode after drawing
-        renders = [self.model.get_outputs_for_camera(self.training_camera(v))["rgb"] for v in view_ids]
+        with self.fixed_background():
+            renders = [self.model.get_outputs_for_camera(self.training_camera(v))["rgb"] for v in view_ids]
         return torch.stack(renders).permute(0, 3, 1, 2).clamp(0, 1)
 
     def training_camera(self, view: int) -> Cameras:

@@ -530,19 +530,29 @@ def test_photos_with_alpha_are_edited_over_the_render_background_and_keep_their_
     assert torch.equal(datamanager.background, background)
     photos = [datamanager.original_images[view].clone() for view in range(TRAIN_VIEWS)]
     assert all(photo.shape[-1] == 4 for photo in photos)
-    shown = []
+    shown, rendered = [], []
     edit = pipeline.editor.edit
 
     def recording_edit(renders, originals, prompt, **settings):
         shown.append(originals.cpu())
+        rendered.append(renders.cpu())
         return edit(renders, originals, prompt, **settings)
 
     pipeline.editor.edit = recording_edit
+    viewer_colour = torch.tensor([1.0, 0.0, 0.0])
+    pipeline.model.set_background(viewer_colour)  # as nerfstudio's viewer does before drawing
     step_pipeline(trainer, trainer._start_step)
     assert sum(len(batch) for batch in shown) == TRAIN_VIEWS
     first = photos[0].float() / 255
     expected = first[..., :3] * first[..., 3:] + background * (1 - first[..., 3:])
     assert torch.allclose(shown[0][0].permute(1, 2, 0), expected, atol=1e-6)  # IP2P sees the photo as the render shows it
+    # The sweep rendered over that background too, whatever the viewer's colour, and left the viewer's colour set.
+    assert pipeline.model.background_color is viewer_colour
+    pipeline.model.set_background(background)
+    pipeline.model.eval()
+    with torch.no_grad():
+        over_background = pipeline.model.get_outputs_for_camera(pipeline.training_camera(0))["rgb"].clamp(0, 1).cpu()
+    assert torch.allclose(rendered[0][0].permute(1, 2, 0), over_background)  # the splats did not move: no optimizer step
 
     edits = pipeline.edit_store.load_edits()
     assert len(edits) == TRAIN_VIEWS
