@@ -65,6 +65,9 @@ class SweepState:
     """Views of the sweep in progress whose edits are already stored."""
     settings: Dict[str, object] = field(default_factory=dict)
     """Prompt and guidance in force (the latest, if changed while running)."""
+    command_settings: Dict[str, object] = field(default_factory=dict)
+    """Prompt and guidance given on the command line when the edit last started: on resume, a value changed on the
+    command line since then wins over the one in force; an unchanged one keeps what was set in the viewer."""
     last_sweep_step: int = -1
     """Training step at which the latest sweep started (a scheduled sweep runs once per step even across resumes)."""
     edit_end_step: Optional[int] = None
@@ -72,7 +75,7 @@ class SweepState:
 
     def snapshot(self) -> "SweepState":
         """A copy to hand to the writer thread while this one keeps changing."""
-        return replace(self, views_done=list(self.views_done), settings=dict(self.settings))
+        return replace(self, views_done=list(self.views_done), settings=dict(self.settings), command_settings=dict(self.command_settings))
 
 
 class EditStore:

@@ -204,6 +204,7 @@ class IGS2GSPipeline(VanillaPipeline):
         from its end is known as a finished edit)."""
         if previous is not None:
             store.adopt(previous)
+        given = self.edit_settings()  # from the command line
         names = self.datamanager.image_names
         state = store.load_state()
         if state is None:
@@ -219,9 +220,13 @@ class IGS2GSPipeline(VanillaPipeline):
             self.datamanager.replace_uint8({view: torch.from_numpy(image) for view, image in edits.items()})
             where = f", sweep {state.sweep_in_progress} resumes after {len(state.views_done)} views" if state.sweep_in_progress is not None else ""
             CONSOLE.log(f"Restored {len(edits)} edited views from {store.folder} ({state.sweeps_completed} sweeps done{where})")
-            if state.settings and state.settings != self.edit_settings():
-                self._apply_settings(state.settings, "as last set in the run being resumed")
-        state.settings = self.edit_settings()
+            # A setting keeps its recorded value (e.g. set in the viewer) unless the command line changed it since the
+            # edit last started (a state file from before command settings were recorded keeps them all).
+            unchanged = lambda key: given.get(key) == state.command_settings.get(key, given.get(key))  # noqa: E731
+            kept = {key: value for key, value in state.settings.items() if unchanged(key)}
+            if kept and {**given, **kept} != given:
+                self._apply_settings(kept, "as last set in the run being resumed; a value changed on the command line wins")
+        state.settings, state.command_settings = self.edit_settings(), given
         state.edit_end_step = self.edit_end_step = state.edit_start_step + edit_steps
         self.edit_store, self.sweep_state = store, state
         store.save_state(state)

@@ -74,6 +74,12 @@ def test_resume_uses_the_settings_last_set_in_the_viewer(scene_dir, splatfacto_r
     trainer.wait_for_checkpoint()
     resumed = make_trainer(scene_dir, trainer.checkpoint_dir, tiny_ip2p_dir, tmp_path, "second", gs_steps=5)
     assert resumed.pipeline.prompt == "make it glass" and resumed.pipeline.config.guidance_scale == 9.0
+    # An instruction changed on the command line since the edit started wins; the guidance set in the viewer stays.
+    resumed.save_checkpoint(resumed._start_step)
+    resumed.wait_for_checkpoint()
+    again = make_trainer(scene_dir, resumed.checkpoint_dir, tiny_ip2p_dir, tmp_path, "third", gs_steps=5, prompt="make it marble")
+    assert again.pipeline.prompt == "make it marble" and again.pipeline.config.guidance_scale == 9.0
+    assert again.pipeline.edit_store.load_state().settings["prompt"] == "make it marble"
 
 
 def test_preview_is_an_inline_jpeg_of_the_training_image():
