@@ -16,7 +16,7 @@ from collections import Counter
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Dict, List, Literal, Optional, Protocol, Sequence, Tuple, Type
+from typing import Dict, Iterator, List, Literal, Optional, Protocol, Sequence, Tuple, Type
 
 import torch
 from torch import Tensor
@@ -349,7 +349,7 @@ class IGS2GSPipeline(VanillaPipeline):
         return super().get_train_loss_dict(step)
 
     @contextlib.contextmanager
-    def fixed_background(self):
+    def fixed_background(self) -> Iterator[None]:
         """Inside, the model renders over the datamanager's background: the nerfstudio viewer sets the model's to the
         colour chosen in its panel before drawing, and that choice must not change edits or metrics."""
         viewer_background, self.model.background_color = self.model.background_color, self.datamanager.background
