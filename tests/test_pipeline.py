@@ -154,8 +154,10 @@ def test_viewer_serves_an_igs2gs_run_without_the_editor(edited_run, private_ip2p
 
 
 # --------------------------------------------------------------------------- in-process runs
-def make_trainer(scene: Path, load_dir: Path, ip2p: Path, output: Path, timestamp: str, model_prompt=None, trainer=None, **pipeline):
-    """A CPU igs2gs trainer with the tiny editor; ``pipeline`` (``trainer``) overrides pipeline (trainer) config fields."""
+def make_trainer(
+    scene: Path, load_dir: Path, ip2p: Path, output: Path, timestamp: str, model_prompt=None, trainer=None, device="cpu", **pipeline
+):
+    """An igs2gs trainer (CPU unless told) with the tiny editor; ``pipeline`` (``trainer``) overrides pipeline (trainer) fields."""
     settings = dict(
         prompt="make it look like a watercolour painting",
         ip2p_model=str(ip2p),
@@ -164,7 +166,7 @@ def make_trainer(scene: Path, load_dir: Path, ip2p: Path, output: Path, timestam
     )
     settings.update(pipeline)
     model = dict(lpips_pretrained_backbone=False, stop_split_at=0, prompt=model_prompt)  # ns-train's --prompt sets model.prompt
-    return edit_trainer(scene, load_dir, output, device="cpu", timestamp=timestamp, model=model, trainer=trainer, **settings)
+    return edit_trainer(scene, load_dir, output, device=device, timestamp=timestamp, model=model, trainer=trainer, **settings)
 
 
 def stored_equals_working_set(trainer, store: EditStore) -> int:
@@ -520,15 +522,16 @@ def rgba_copy(scene: Path, out: Path) -> Path:
     return out
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])  # cuda: gsplat, pinned caches
 def test_photos_with_alpha_are_edited_over_the_render_background_and_keep_their_transparency(
-    scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path
+    scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path, device
 ):
     scene = rgba_copy(scene_dir, tmp_path / "rgba")
-    trainer = make_trainer(scene, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, "rgba")
+    trainer = make_trainer(scene, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, "rgba", device=device)
     pipeline, datamanager = trainer.pipeline, trainer.pipeline.datamanager
-    background = pipeline.model.background_color
+    background = pipeline.model.background_color.cpu()
     assert torch.equal(datamanager.background, background)
-    photos = [datamanager.original_images[view].clone() for view in range(TRAIN_VIEWS)]
+    photos = [datamanager.original_images[view].cpu().clone() for view in range(TRAIN_VIEWS)]
     assert all(photo.shape[-1] == 4 for photo in photos)
     shown, rendered = [], []
     edit = pipeline.editor.edit
@@ -568,7 +571,7 @@ def test_photos_with_alpha_are_edited_over_the_render_background_and_keep_their_
         assert difference[alpha == 255].max() < 1e-3 and difference[alpha == 128].max() <= 1
         # ... and over splatfacto's random training background the clear part shows that background.
         other = torch.tensor([1.0, 0.0, 0.5])
-        target = pipeline.model.composite_with_background(pipeline.model.get_gt_img(working), other)
+        target = pipeline.model.composite_with_background(pipeline.model.get_gt_img(working), other.to(pipeline.model.device)).cpu()
         assert torch.equal(target[alpha == 0], other.expand(int((alpha == 0).sum()), 3))
     # A resume restores the stored edits into the same working images.
     before = [datamanager.working_image(view).clone() for view in range(TRAIN_VIEWS)]
