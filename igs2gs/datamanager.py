@@ -28,6 +28,11 @@ from nerfstudio.data.datamanagers.full_images_datamanager import FullImageDatama
 from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
 
 
+def unreadable_data(data, dataparser, error: BaseException) -> str:
+    """The lead of the refusal of --data that ``dataparser`` (a dataparser config) failed to read."""
+    return f"--data {data} could not be read with {type(dataparser).__name__} ({type(error).__name__}: {error})"
+
+
 def to_uint8(images: Tensor) -> Tensor:
     """Float images in [0, 1] to uint8 (round to nearest)."""
     return (images.clamp(0, 1) * 255).round().to(torch.uint8)

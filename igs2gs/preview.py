@@ -23,7 +23,7 @@ import torch
 from nerfstudio.configs.dataparser_configs import AnnotatedDataParserUnion
 from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
 
-from igs2gs.datamanager import IGS2GSDataManagerConfig
+from igs2gs.datamanager import IGS2GSDataManagerConfig, unreadable_data
 from igs2gs.pipeline import DEFAULT_IP2P_MODEL, IGS2GSPipelineConfig, device_problem, edit_generator, schedule_problems
 
 _DEFAULTS = IGS2GSPipelineConfig()
@@ -108,8 +108,8 @@ def preview_edits(config: PreviewConfig) -> Tuple[np.ndarray, Dict[Tuple[float, 
         datamanager = IGS2GSDataManagerConfig(data=Path(config.data), dataparser=config.dataparser).setup(device="cpu")
     except Exception as error:  # each dataparser fails in its own way on data it cannot read
         raise ValueError(
-            f"--data {config.data} could not be read with {type(config.dataparser).__name__} ({type(error).__name__}: "
-            f"{error}). Give the dataparser the scene was trained with as a subcommand at the end (e.g. `colmap`)."
+            unreadable_data(config.data, config.dataparser, error)
+            + ". Give the dataparser the scene was trained with as a subcommand at the end (e.g. `colmap`)."
         ) from None
     views = spread_views(len(datamanager.original_images), config.views)
     editor = InstructPix2Pix.from_pretrained(

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import yaml
 
+from igs2gs.datamanager import unreadable_data
 from igs2gs.edit_store import STORE_DIRNAME, EditStore, write_atomically
 from igs2gs.pipeline import check_edit_settings, check_prompt
 from nerfstudio.engine.trainer import Trainer, TrainerConfig
@@ -313,8 +314,7 @@ class IGS2GSTrainer(Trainer):
         except Exception as error:  # each dataparser fails in its own way on data it cannot read
             known = dataparser_differences(self.checkpoint_path, datamanager)
             raise CheckpointError(
-                f"--data {dataparser.data} could not be read with {type(dataparser).__name__} "
-                f"({type(error).__name__}: {error})" + ("; " + "; ".join(known) if known else "")
+                unreadable_data(dataparser.data, dataparser, error) + ("; " + "; ".join(known) if known else "")
                 + ". Pass the --data and dataparser (subcommand at the end) the scene was trained with."
             ) from None
 
