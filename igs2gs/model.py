@@ -77,16 +77,34 @@ class DeferredLPIPSMetric(nn.Module):
         return self.network(images.device)(images, targets, normalize=True).mean()
 
 
-def use_eager_viewmat() -> None:
-    """Make splatfacto call its world-to-camera helper uncompiled, in this process.
+def view_matrix(camera_to_world: Tensor) -> Tensor:
+    """gsplat's world-to-camera matrices [B, 4, 4] of nerfstudio camera-to-world poses [B, 3, 4].
 
-    nerfstudio wraps that 4x4 matrix inverse in ``torch.compile``, so the first render of every
+    The analytic inverse of splatfacto's ``get_viewmat``, without its per-call ``torch.tensor`` of
+    the axis flip: on CUDA that is a copy from pageable host memory, which waits for the GPU, in
+    every training step. Differentiable (the camera optimizer's corrections train through it).
+    """
+    rotation = camera_to_world[:, :3, :3]
+    # nerfstudio cameras look down -z with y up; gsplat's look down +z with y down.
+    rotation = torch.cat([rotation[..., :1], -rotation[..., 1:]], dim=-1)
+    inverse_rotation = rotation.transpose(1, 2)
+    viewmat = torch.zeros(rotation.shape[0], 4, 4, device=rotation.device, dtype=rotation.dtype)
+    viewmat[:, 3, 3] = 1.0
+    viewmat[:, :3, :3] = inverse_rotation
+    viewmat[:, :3, 3:4] = -torch.bmm(inverse_rotation, camera_to_world[:, :3, 3:4])
+    return viewmat
+
+
+def use_view_matrix() -> None:
+    """Make splatfacto compute its view matrices with :func:`view_matrix`, in this process.
+
+    nerfstudio's ``get_viewmat`` is wrapped in ``torch.compile``, so the first render of every
     process traced and compiled it (1.3 s of the first sweep on an H100, and it starts inductor's
-    compile workers) to save a few microsecond-sized kernels per step. The function is the same.
+    compile workers), and uncompiled it copies a constant from the host each call. Same matrices.
     """
     from nerfstudio.models import splatfacto
 
-    splatfacto.get_viewmat = getattr(splatfacto.get_viewmat, "_torchdynamo_orig_callable", splatfacto.get_viewmat)
+    splatfacto.get_viewmat = view_matrix
 
 
 class BatchPSNR(nn.Module):
@@ -148,7 +166,7 @@ class IGS2GSModel(SplatfactoModel):
             features = RGB2SH(colours) if self.config.sh_degree > 0 else torch.logit(colours, eps=1e-10)
             self.gauss_params["features_dc"].data.copy_(features)
         self.psnr = BatchPSNR()
-        use_eager_viewmat()
+        use_view_matrix()
         self.refine_origin = 0
         self._graphed_lpips: Optional[GraphedLoss] = None  # built on the first CUDA training step
 
@@ -201,11 +219,7 @@ class IGS2GSModel(SplatfactoModel):
         width, height = int(camera.width.item()), int(camera.height.item())
         camera.rescale_output_resolution(scale)
         self.last_size = (height, width)
-        # nerfstudio cameras look down -z with y up; gsplat's look down +z with y down.
-        flip = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0], device=self.device))
-        camera_to_world_4x4 = torch.eye(4, device=self.device).repeat(camera_to_world.shape[0], 1, 1)
-        camera_to_world_4x4[:, :3, :] = camera_to_world.to(self.device)
-        viewmat = torch.linalg.inv(camera_to_world_4x4 @ flip)
+        viewmat = view_matrix(camera_to_world.to(self.device))
 
         colours = torch.cat((params["features_dc"][:, None, :], params["features_rest"]), dim=1)
         if self.config.sh_degree > 0:

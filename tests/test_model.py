@@ -70,20 +70,40 @@ def test_model_renders_and_trains_on_cpu(scene_dir):
     assert rendered["depth"] is not None and rendered["accumulation"].max() > 0.5
 
 
-def test_splatfactos_view_matrix_is_computed_uncompiled_once_the_model_is_built(scene_dir):
+def test_splatfacto_computes_its_view_matrices_with_igs2gs_view_matrix_once_the_model_is_built(scene_dir):
     from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
     from nerfstudio.models import splatfacto
 
-    from igs2gs.model import IGS2GSModelConfig
+    from igs2gs.model import IGS2GSModelConfig, view_matrix
 
     outputs = NerfstudioDataParserConfig(data=scene_dir).setup().get_dataparser_outputs("train")
     IGS2GSModelConfig(lpips_pretrained_backbone=False).setup(scene_box=outputs.scene_box, num_train_data=len(outputs.image_filenames))
-    assert not hasattr(splatfacto.get_viewmat, "_torchdynamo_orig_callable")  # no torch.compile at the first render
-    camera_to_world = outputs.cameras.camera_to_worlds[:2]
+    assert splatfacto.get_viewmat is view_matrix  # no torch.compile at the first render, no constant copied per call
+    camera_to_world = outputs.cameras.camera_to_worlds[:2].clone().requires_grad_(True)
     viewmat = splatfacto.get_viewmat(camera_to_world)
     flipped = camera_to_world * torch.tensor([1.0, -1.0, -1.0, 1.0])  # gsplat looks down +z with y down
     bottom = torch.tensor([[[0.0, 0.0, 0.0, 1.0]]]).expand(2, 1, 4)
     assert torch.allclose(viewmat @ torch.cat([flipped, bottom], dim=1), torch.eye(4).expand(2, 4, 4), atol=1e-5)
+    inverse_rotation = flipped[:, :, :3].transpose(1, 2)  # the analytic inverse, as nerfstudio's get_viewmat
+    expected = torch.cat([torch.cat([inverse_rotation, -inverse_rotation @ flipped[:, :, 3:]], dim=2), bottom], dim=1)
+    assert torch.allclose(viewmat, expected, atol=1e-6)
+    (gradient,) = torch.autograd.grad(viewmat.sum(), camera_to_world)  # pose corrections train through it
+    (expected_gradient,) = torch.autograd.grad(expected.sum(), camera_to_world)
+    assert torch.allclose(gradient, expected_gradient, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_view_matrix_does_not_wait_for_the_gpu():
+    from igs2gs.model import view_matrix
+
+    camera_to_world = torch.eye(4, device="cuda")[:3].expand(2, 3, 4).clone()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        viewmat = view_matrix(camera_to_world)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(viewmat.cpu(), torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0])).expand(2, 4, 4))
 
 
 @pytest.mark.gpu
