@@ -1,4 +1,5 @@
-"""Editors on several devices, each fed batches of views from one queue by its own thread.
+"""Editor threads: replicas on several devices fed batches of views from one queue, and the warm-up
+that pays the editors' first-use costs during set-up.
 
 A sweep's batches go into one queue; each editor replica (one per ``--pipeline.ip2p-devices``
 entry) takes the next batch when it is free, so fast devices take more. On CUDA each worker runs
@@ -155,3 +156,38 @@ class EditWorkers:
             return False
         self._results.put(EditResult(job, edits, name, time.perf_counter() - started, prompt))
         return True
+
+
+class WarmUp:
+    """Editors' first-use costs paid in a background thread while the trainer sets up.
+
+    The first batch of each shape an editor sees costs seconds beyond its diffusion (cuDNN and
+    cuBLAS loading their kernels and choosing algorithms, 3.5-6 s on an H100 with a cold disk
+    cache). Here each editor edits one throw-away batch of each shape the first sweep will use, with
+    one diffusion step, while the scene loads and the viewer starts; the first sweep ``wait``s.
+    The instruction's embedding stays cached; a failure costs only the warm-up (it is logged).
+    """
+
+    def __init__(self, editors: Sequence, shapes: Sequence[Tuple[int, int, int]], prompt: str) -> None:
+        self.shapes = list(shapes)
+        self.seconds = 0.0
+        self.error: Optional[str] = None
+        self._thread = threading.Thread(target=self._run, args=(list(editors), prompt), name="igs2gs-editor-warm-up", daemon=True)
+        self._thread.start()
+
+    def _run(self, editors: List, prompt: str) -> None:
+        started = time.perf_counter()
+        try:
+            with CAPTURE_GATE.shared():  # a CUDA graph capture in the training thread waits for it
+                for editor in editors:
+                    for batch, height, width in self.shapes:
+                        editor.warm_up(batch, height, width, prompt)
+        except Exception as error:  # noqa: BLE001 - e.g. memory taken by another process: the sweep copes
+            self.error = f"{type(error).__name__}: {error}"
+        self.seconds = time.perf_counter() - started
+
+    def wait(self) -> float:
+        """Block until the warm-up is done; returns the seconds waited."""
+        started = time.perf_counter()
+        self._thread.join()
+        return time.perf_counter() - started

@@ -430,19 +430,20 @@ class InstructPix2Pix:
             limit = min(limit, int(0.8 * free // (EDIT_BYTES_512 * max(1.0, pixels / 512**2))))
         return max(1, min(limit, count))
 
-    def warm_up(self, batch: int, height: int, width: int, prompt: str) -> float:
+    def warm_up(self, batch: int, height: int, width: int, prompt: str, diffusion_steps: int = 1) -> float:
         """One throw-away edit of ``batch`` random views of this size; returns its seconds.
 
-        With ``compile_unet`` this is when torch compiles (or loads from its cache) the UNet and the
-        VAE decoder for that batch shape, so that it happens at set-up rather than in the first
-        sweep, and in the main thread rather than in an editor thread.
+        It pays the first-use costs of that batch shape (cuDNN/cuBLAS set-up; with ``compile_unet``,
+        compiling the UNet and the VAE decoder or loading them from torch's cache), so that they
+        happen at set-up rather than in the first sweep; compile in the main thread, not an editor
+        thread. The prompt's embedding stays cached; the random views leave no condition latents.
         """
         started = time.perf_counter()
         generator = torch.Generator().manual_seed(0)
         images = torch.rand(2, batch, 3, height, width, generator=generator).to(self.device)
         keys = [("warm-up", index) for index in range(batch)]
         encodings = self.condition_encodings
-        self.edit(images[0], images[1], prompt, generator=generator, cond_keys=keys)
+        self.edit(images[0], images[1], prompt, diffusion_steps=diffusion_steps, generator=generator, cond_keys=keys)
         for key in keys:
             self._condition_latents.pop(key, None)
         self.condition_encodings = encodings

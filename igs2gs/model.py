@@ -167,16 +167,19 @@ class IGS2GSModel(SplatfactoModel):
             self.gauss_params["features_dc"].data.copy_(features)
         self.psnr = BatchPSNR()
         use_view_matrix()
-        self.refine_origin = 0
+        self.refine_origin: Optional[int] = 0  # step splatfacto's densification schedule counts from; None: no densification
         self._graphed_lpips: Optional[GraphedLoss] = None  # built on the first CUDA training step
 
     # ----------------------------------------------------------------------------- schedule
     def start_edit_at(self, step: int) -> None:
-        """Make densification count from ``step`` (the loaded step) when ``densify_from_load``."""
-        self.refine_origin = step if self.config.densify_from_load else 0
+        """Make densification count from ``step`` (the loaded step) with ``densify_from_load``; without it, the edit
+        neither densifies, prunes nor resets opacities, whatever step the scene was loaded at."""
+        self.refine_origin = step if self.config.densify_from_load else None
 
     def step_post_backward(self, step: int) -> None:
         assert step == self.step
+        if self.refine_origin is None:
+            return
         self.strategy.step_post_backward(
             params=self.gauss_params,
             optimizers=self.optimizers,

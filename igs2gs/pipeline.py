@@ -24,7 +24,7 @@ from torch.cuda.amp.grad_scaler import GradScaler
 
 from igs2gs.datamanager import IGS2GSDataManagerConfig
 from igs2gs.edit_store import EditStore, SweepState
-from igs2gs.edit_workers import EditJob, EditResult, EditWorkers
+from igs2gs.edit_workers import EditJob, EditResult, EditWorkers, WarmUp
 from igs2gs.model import IGS2GSModelConfig
 from igs2gs.oracle import OracleEditor, OracleEditorConfig
 from igs2gs.sweep import Sweep
@@ -146,6 +146,7 @@ class IGS2GSPipeline(VanillaPipeline):
         self.editors: List[Editor] = []
         self.edit_workers: Optional[EditWorkers] = None
         self._sweep_in_flight: Optional[Sweep] = None
+        self.warm_up: Optional[WarmUp] = None  # the editors' first-use costs, paid beside set-up
         self._step_clock: Tuple[int, float, float] = (-1, 0.0, 0.0)  # last step, its time, seconds per step
         if test_mode == "val":  # training; the viewer, ns-render and ns-export never load the editor
             from igs2gs.viewer_controls import EditControls
@@ -153,6 +154,8 @@ class IGS2GSPipeline(VanillaPipeline):
             self.editors = [self._load_editor(device) for device in editor_devices(config, str(self.device))]
             if config.ip2p_compile and config.editor == "ip2p":
                 self._compile_editors()
+            elif config.editor == "ip2p":
+                self.warm_up = self._warm_up_in_background()
             self.editor = self.editors[0]
             if len(self.editors) > 1 or config.overlap_edits:
                 self.edit_workers = EditWorkers(self.editors, lambda: (self.prompt, self._edit_kwargs()))
@@ -185,6 +188,33 @@ class IGS2GSPipeline(VanillaPipeline):
                 CONSOLE.log(f"Compiling InstructPix2Pix on {editor.device} for batches of {batch} {width}x{height} views")
                 seconds = editor.warm_up(batch, height, width, self.prompt)
                 CONSOLE.log(f"Compiled in {seconds:.1f} s (torch caches it for the next run)")
+
+    def _warm_up_in_background(self) -> Optional[WarmUp]:
+        """Start warming the CUDA editors up for the first sweep's batch shapes (the trainer sets up meanwhile)."""
+        editors = [editor for editor in self.editors if self._needs_warm_up(editor)]
+        if not editors:
+            return None
+        sizes = [tuple(image.shape[:2]) for image in self.datamanager.original_images]
+        groups = _size_groups(range(len(sizes)), sizes, self.edit_batch_limit)
+        return WarmUp(editors, sorted({(len(group), *sizes[group[0]]) for group in groups}), self.prompt)
+
+    @staticmethod
+    def _needs_warm_up(editor: Editor) -> bool:
+        return torch.device(getattr(editor, "device", "cpu")).type == "cuda"
+
+    def _finish_warm_up(self) -> float:
+        """Wait for the editors' warm-up, if one is running; returns the seconds waited."""
+        warm_up, self.warm_up = self.warm_up, None
+        if warm_up is None:
+            return 0.0
+        with self._viewer_unlocked():
+            waited = warm_up.wait()
+        shapes = ", ".join(f"{batch} {width}x{height}" for batch, height, width in warm_up.shapes)
+        if warm_up.error is not None:
+            CONSOLE.log(f"[yellow]igs2gs: warming InstructPix2Pix up failed ({warm_up.error}); the first sweep pays its set-up")
+        else:
+            CONSOLE.log(f"Warmed InstructPix2Pix up for batches of {shapes} views in {warm_up.seconds:.1f} s beside set-up")
+        return waited
 
     @property
     def edit_batch_limit(self) -> int:
@@ -380,6 +410,7 @@ class IGS2GSPipeline(VanillaPipeline):
         """Render, edit and swap in every training view not yet edited in this sweep."""
         assert self.editor is not None and self.edit_store is not None and self.sweep_state is not None
         current = Sweep(self, sweep, step, self._persist_thread())
+        current.timings["warm_up_wait_s"] = self._finish_warm_up()
         sizes = [tuple(image.shape[:2]) for image in self.datamanager.original_images]
         groups = _size_groups(current.todo, sizes, self.edit_batch_limit)
         was_training = self.model.training

@@ -107,12 +107,17 @@ def main() -> None:
     parser.add_argument("--overlap", action="store_true", help="--pipeline.overlap-edits: edits run while training goes on")
     parser.add_argument("--ip2p-devices", help="--pipeline.ip2p-devices, e.g. cuda:1,cuda:2 (compare sweep_s with a one-device run)")
     parser.add_argument("--reference-views", type=int, default=0, help="views of a reference-style sweep to time")
+    parser.add_argument("--no-warm-up", action="store_true", help="no editor warm-up beside set-up (the first sweep pays it)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.train_on == "oracle" and (args.overlap or args.ip2p_devices):
         parser.error("--train-on oracle swaps the single editor; it does not combine with --overlap or --ip2p-devices")
 
     torch.backends.cudnn.benchmark = True  # as in ns-train, whose train.py sets it for every method
+    if args.no_warm_up:
+        from igs2gs.pipeline import IGS2GSPipeline
+
+        IGS2GSPipeline._needs_warm_up = staticmethod(lambda editor: False)  # type: ignore[method-assign]
     started = time.perf_counter()
     trainer = edit_trainer(
         args.data, args.load_dir, args.output_dir, steps=args.steps, vis=args.vis,
@@ -162,6 +167,7 @@ def main() -> None:
         "overlap_edits": args.overlap,
         "lpips": ("float32" if args.lpips_fp32 else "bf16") + (" eager" if args.lpips_eager else " CUDA graph"),
         "ip2p_devices": args.ip2p_devices,
+        "editor_warm_up": not args.no_warm_up,
         "sweep_s_means": "time training waited for sweeps (render + swap with --overlap)",
         "step_times": step_time_profile(step_ends, trainer._start_step, [int(s["step"]) for s in sweeps]),
     }

@@ -10,7 +10,7 @@ import torch
 
 from conftest import step_pipeline
 from igs2gs.edit_store import EditStore
-from igs2gs.edit_workers import EditJob, EditWorkers
+from igs2gs.edit_workers import EditJob, EditWorkers, WarmUp
 from igs2gs.ip2p import InstructPix2Pix
 from test_pipeline import TRAIN_VIEWS, make_trainer, stored_equals_working_set
 
@@ -130,6 +130,63 @@ def test_compiled_editors_are_warmed_up_at_set_up_in_the_main_thread(scene_dir, 
                            ip2p_compile=True, overlap_edits=True, ip2p_devices="cpu,cpu", ip2p_max_batch_size=4)
     height, width = trainer.pipeline.datamanager.original_images[0].shape[:2]
     assert warm_ups == [("cpu", min(4, TRAIN_VIEWS), height, width, True)] * 2
+
+
+def test_warm_up_edits_each_shape_on_each_editor_in_a_background_thread_and_keeps_failures(replicas, monkeypatch):
+    calls = []
+
+    def warm_up(editor, batch, height, width, prompt):
+        calls.append((replicas.index(editor), batch, height, width, prompt, threading.current_thread() is threading.main_thread()))
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+        return 0.0
+
+    monkeypatch.setattr(InstructPix2Pix, "warm_up", warm_up)
+    warming = WarmUp(replicas, [(3, 32, 48), (2, 32, 48)], PROMPT)
+    warming.wait()
+    assert calls == [(0, 3, 32, 48, PROMPT, False), (0, 2, 32, 48, PROMPT, False), (1, 3, 32, 48, PROMPT, False)]
+    assert warming.error is not None and "OutOfMemoryError" in warming.error  # kept for the log, not raised
+
+
+def test_the_first_sweep_waits_for_the_warm_up_of_the_first_sweeps_batch_shapes(scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path, monkeypatch):
+    """CUDA editors warm up beside set-up; here CPU editors stand in (the warm-up is CUDA-only otherwise)."""
+    from igs2gs.pipeline import IGS2GSPipeline
+
+    events = []
+
+    def warm_up(editor, batch, height, width, prompt):
+        events.append(("warm-up", batch, height, width, prompt, threading.current_thread() is threading.main_thread()))
+        time.sleep(0.5)
+        events.append(("warmed",))
+        return 0.5
+
+    real_edit = InstructPix2Pix.edit
+    monkeypatch.setattr(IGS2GSPipeline, "_needs_warm_up", staticmethod(lambda editor: True))
+    monkeypatch.setattr(InstructPix2Pix, "warm_up", warm_up)
+    monkeypatch.setattr(InstructPix2Pix, "edit", lambda *a, **k: events.append(("edit",)) or real_edit(*a, **k))
+    trainer = make_trainer(scene_dir, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, "warm-up", ip2p_max_batch_size=4)
+    pipeline = trainer.pipeline
+    height, width = pipeline.datamanager.original_images[0].shape[:2]
+    # 9 training views by at most 4: batches of 3 (one shape), warmed for the instruction of the run.
+    assert pipeline.warm_up is not None and pipeline.warm_up.shapes == [(3, height, width)]
+    assert events[0] == ("warm-up", 3, height, width, pipeline.prompt, False)
+    step_pipeline(trainer, trainer._start_step)
+    assert events.index(("warmed",)) < events.index(("edit",))  # no edit before the warm-up is done
+    assert pipeline.warm_up is None and 0 < pipeline.sweep_timings[0]["warm_up_wait_s"] <= 0.6
+
+
+@pytest.mark.gpu
+def test_a_cuda_editor_warms_up_beside_set_up_and_the_first_sweep_edits_with_it(scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path):
+    trainer = make_trainer(scene_dir, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, "warm-up-cuda", device="cuda", ip2p_max_batch_size=4)
+    pipeline = trainer.pipeline
+    warming = pipeline.warm_up
+    assert warming is not None and warming.shapes[0][0] == 3
+    step_pipeline(trainer, trainer._start_step)
+    assert warming.error is None and warming.seconds > 0 and pipeline.warm_up is None
+    editor = pipeline.editor
+    assert editor.prompt_encodings == 1  # encoded by the warm-up, reused by the sweep
+    assert sorted(editor._condition_latents) == list(range(TRAIN_VIEWS))  # the warm-up's random views left none
+    assert len(pipeline.edit_store.load_edits()) == TRAIN_VIEWS
 
 
 def test_pausing_a_replica_sweep_stops_it_and_unpausing_finishes_it(scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path):

@@ -90,14 +90,19 @@ def test_batches_padded_to_a_fixed_size_give_the_same_edits(ip2p, monkeypatch):
     assert (plain - padded).abs().max() < 1e-4
 
 
-def test_warm_up_edits_once_and_leaves_the_caches_as_they_were(ip2p, monkeypatch):
-    batches = []
-    real = ip2p._edit_batch
+def test_warm_up_edits_once_with_one_diffusion_step_and_leaves_only_the_prompt_cached(ip2p, monkeypatch):
+    batches, unet_calls = [], []
+    real, real_unet = ip2p._edit_batch, ip2p._unet
     monkeypatch.setattr(ip2p, "_edit_batch", lambda renders, *a, **k: batches.append(tuple(renders.shape)) or real(renders, *a, **k))
+    monkeypatch.setattr(ip2p, "_unet", lambda sample, *a, **k: unet_calls.append(sample.shape[0]) or real_unet(sample, *a, **k))
     cached, encodings = dict(ip2p._condition_latents), ip2p.condition_encodings
-    seconds = ip2p.warm_up(2, 24, 40, PROMPT)
-    assert seconds > 0 and batches == [(2, 3, 24, 40)]
+    prompt = "warm-up test instruction"
+    seconds = ip2p.warm_up(2, 24, 40, prompt)
+    assert seconds > 0 and batches == [(2, 3, 24, 40)] and unet_calls == [2 * 3]  # one step of the 3 guidance branches
     assert ip2p._condition_latents == cached and ip2p.condition_encodings == encodings
+    prompts = ip2p.prompt_encodings
+    ip2p.encode_prompt(prompt)
+    assert ip2p.prompt_encodings == prompts  # the first sweep's instruction is already encoded
 
 
 def test_vae_chunking_does_not_change_the_edit(ip2p, monkeypatch):

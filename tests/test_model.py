@@ -92,6 +92,26 @@ def test_splatfacto_computes_its_view_matrices_with_igs2gs_view_matrix_once_the_
     assert torch.allclose(gradient, expected_gradient, atol=1e-4)
 
 
+@pytest.mark.parametrize("densify", [False, True])
+def test_the_edit_densifies_only_with_densify_from_load_whatever_step_the_scene_was_loaded_at(scene_dir, densify):
+    """A scene loaded before splatfacto's stop-split step (5000 by default) used to densify with the option off."""
+    from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
+
+    from igs2gs.model import IGS2GSModelConfig
+
+    outputs = NerfstudioDataParserConfig(data=scene_dir).setup().get_dataparser_outputs("train")
+    model = IGS2GSModelConfig(lpips_pretrained_backbone=False, densify_from_load=densify).setup(
+        scene_box=outputs.scene_box, num_train_data=len(outputs.image_filenames)
+    )
+    seen = []
+    model.strategy.step_post_backward = lambda **kwargs: seen.append(kwargs["step"])
+    model.optimizers, model.info = {}, {}  # set by splatfacto's training callbacks and renders
+    model.start_edit_at(3000)
+    model.step = 3100
+    model.step_post_backward(3100)
+    assert seen == ([100] if densify else [])
+
+
 @pytest.mark.gpu
 def test_view_matrix_does_not_wait_for_the_gpu():
     from igs2gs.model import view_matrix
