@@ -76,6 +76,11 @@ class IP2PUnavailableError(RuntimeError):
     """The InstructPix2Pix weights could not be found or loaded; the message says how to supply them."""
 
 
+def edit_bytes(batch: int, height: int, width: int) -> float:
+    """Estimated peak activation memory of editing ``batch`` views of this size at once (half precision)."""
+    return EDIT_BYTES_512 * batch * max(1.0, height * width / 512**2)
+
+
 def _is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
@@ -427,7 +432,7 @@ class InstructPix2Pix:
         limit = self.batch_size or self.max_batch_size or 16
         if self.device.type == "cuda" and self.batch_size is None:
             free, _ = torch.cuda.mem_get_info(self.device)
-            limit = min(limit, int(0.8 * free // (EDIT_BYTES_512 * max(1.0, pixels / 512**2))))
+            limit = min(limit, int(0.8 * free // edit_bytes(1, pixels, 1)))
         return max(1, min(limit, count))
 
     def warm_up(self, batch: int, height: int, width: int, prompt: str, diffusion_steps: int = 1) -> float:
@@ -435,8 +440,9 @@ class InstructPix2Pix:
 
         It pays the first-use costs of that batch shape (cuDNN/cuBLAS set-up; with ``compile_unet``,
         compiling the UNet and the VAE decoder or loading them from torch's cache), so that they
-        happen at set-up rather than in the first sweep; compile in the main thread, not an editor
-        thread. The prompt's embedding stays cached; the random views leave no condition latents.
+        happen at set-up rather than in the first sweep. A compiling editor must warm up in the main
+        thread (torch.compile is not thread-safe); an eager one may warm up in any. The prompt's
+        embedding stays cached; the random views leave no condition latents.
         """
         started = time.perf_counter()
         generator = torch.Generator().manual_seed(0)

@@ -191,16 +191,23 @@ class IGS2GSPipeline(VanillaPipeline):
 
     def _warm_up_in_background(self) -> Optional[WarmUp]:
         """Start warming the CUDA editors up for the first sweep's batch shapes (the trainer sets up meanwhile)."""
-        editors = [editor for editor in self.editors if self._needs_warm_up(editor)]
-        if not editors:
-            return None
         sizes = [tuple(image.shape[:2]) for image in self.datamanager.original_images]
         groups = _size_groups(range(len(sizes)), sizes, self.edit_batch_limit)
-        return WarmUp(editors, sorted({(len(group), *sizes[group[0]]) for group in groups}), self.prompt)
+        shapes = sorted({(len(group), *sizes[group[0]]) for group in groups})
+        editors = [editor for editor in self.editors if self._needs_warm_up(editor, shapes)]
+        return WarmUp(editors, shapes, self.prompt) if editors else None
 
     @staticmethod
-    def _needs_warm_up(editor: Editor) -> bool:
-        return torch.device(getattr(editor, "device", "cpu")).type == "cuda"
+    def _needs_warm_up(editor: Editor, shapes: Sequence[Tuple[int, int, int]]) -> bool:
+        """CUDA editors whose GPU has room for the largest warm-up batch twice over: the scene and its optimizer
+        state load beside it (on a small GPU the first sweep pays its set-up instead, as without a warm-up)."""
+        from igs2gs.ip2p import edit_bytes
+
+        device = torch.device(getattr(editor, "device", "cpu"))
+        if device.type != "cuda":
+            return False
+        free, _ = torch.cuda.mem_get_info(device)
+        return free >= 2 * max(edit_bytes(*shape) for shape in shapes)
 
     def _finish_warm_up(self) -> float:
         """Wait for the editors' warm-up, if one is running; returns the seconds waited."""

@@ -117,7 +117,7 @@ def main() -> None:
     if args.no_warm_up:
         from igs2gs.pipeline import IGS2GSPipeline
 
-        IGS2GSPipeline._needs_warm_up = staticmethod(lambda editor: False)  # type: ignore[method-assign]
+        IGS2GSPipeline._needs_warm_up = staticmethod(lambda editor, shapes: False)  # type: ignore[method-assign]
     started = time.perf_counter()
     trainer = edit_trainer(
         args.data, args.load_dir, args.output_dir, steps=args.steps, vis=args.vis,

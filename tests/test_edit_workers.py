@@ -148,6 +148,21 @@ def test_warm_up_edits_each_shape_on_each_editor_in_a_background_thread_and_keep
     assert warming.error is not None and "OutOfMemoryError" in warming.error  # kept for the log, not raised
 
 
+def test_only_cuda_editors_with_room_for_the_warm_up_beside_the_scene_warm_up(replicas, monkeypatch):
+    from igs2gs.ip2p import edit_bytes
+    from igs2gs.pipeline import IGS2GSPipeline
+
+    shapes = [(14, 511, 511), (15, 511, 511)]
+    assert edit_bytes(15, 511, 511) == pytest.approx(15 * 0.55e9) and edit_bytes(2, 1024, 1024) == pytest.approx(4 * 2 * 0.55e9)
+    assert not IGS2GSPipeline._needs_warm_up(replicas[0], shapes)  # a CPU editor has no set-up worth hiding
+    cuda_editor = type("CudaEditor", (), {"device": torch.device("cuda:0")})()
+    free = {"bytes": 2 * edit_bytes(15, 511, 511)}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free["bytes"], 80e9))
+    assert IGS2GSPipeline._needs_warm_up(cuda_editor, shapes)
+    free["bytes"] -= 1  # e.g. a 12 GB card: the scene must load beside it, so no warm-up
+    assert not IGS2GSPipeline._needs_warm_up(cuda_editor, shapes)
+
+
 def test_the_first_sweep_waits_for_the_warm_up_of_the_first_sweeps_batch_shapes(scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path, monkeypatch):
     """CUDA editors warm up beside set-up; here CPU editors stand in (the warm-up is CUDA-only otherwise)."""
     from igs2gs.pipeline import IGS2GSPipeline
@@ -161,7 +176,7 @@ def test_the_first_sweep_waits_for_the_warm_up_of_the_first_sweeps_batch_shapes(
         return 0.5
 
     real_edit = InstructPix2Pix.edit
-    monkeypatch.setattr(IGS2GSPipeline, "_needs_warm_up", staticmethod(lambda editor: True))
+    monkeypatch.setattr(IGS2GSPipeline, "_needs_warm_up", staticmethod(lambda editor, shapes: True))
     monkeypatch.setattr(InstructPix2Pix, "warm_up", warm_up)
     monkeypatch.setattr(InstructPix2Pix, "edit", lambda *a, **k: events.append(("edit",)) or real_edit(*a, **k))
     trainer = make_trainer(scene_dir, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, "warm-up", ip2p_max_batch_size=4)
