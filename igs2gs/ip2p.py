@@ -397,7 +397,7 @@ class InstructPix2Pix:
         to ``fixed_batch``; ``shared`` (prompt embeddings, guidance, steps) goes to every batch."""
         count = renders.shape[0]
         outputs: List[Tensor] = []
-        batch = self._first_batch_size(count, renders.shape[2] * renders.shape[3])
+        batch = self._first_batch_size(count, renders.shape[2], renders.shape[3])
         if self.compiled and self.fixed_batch is None:
             self.fixed_batch = batch
         done = 0
@@ -427,12 +427,12 @@ class InstructPix2Pix:
             done = part.stop
         return torch.cat(outputs)
 
-    def _first_batch_size(self, count: int, pixels: int) -> int:
+    def _first_batch_size(self, count: int, height: int, width: int) -> int:
         """Largest batch allowed by ``max_batch_size``, the free GPU memory and any earlier OOM."""
         limit = self.batch_size or self.max_batch_size or 16
         if self.device.type == "cuda" and self.batch_size is None:
             free, _ = torch.cuda.mem_get_info(self.device)
-            limit = min(limit, int(0.8 * free // edit_bytes(1, pixels, 1)))
+            limit = min(limit, int(0.8 * free // edit_bytes(1, height, width)))
         return max(1, min(limit, count))
 
     def warm_up(self, batch: int, height: int, width: int, prompt: str, diffusion_steps: int = 1) -> float:

@@ -180,8 +180,7 @@ class IGS2GSPipeline(VanillaPipeline):
     def _compile_editors(self) -> None:
         """Compile each editor for the sweeps' batch shape now, in this thread: torch.compile is not
         thread-safe, and overlapped or multi-device sweeps edit in threads."""
-        sizes = Counter(tuple(image.shape[:2]) for image in self.datamanager.original_images)
-        (height, width), views = sizes.most_common(1)[0]
+        (height, width), views = Counter(self._view_sizes()).most_common(1)[0]
         batch = min(self.edit_batch_limit, views)
         for editor in self.editors:
             if getattr(editor, "compiled", False):
@@ -191,7 +190,7 @@ class IGS2GSPipeline(VanillaPipeline):
 
     def _warm_up_in_background(self) -> Optional[WarmUp]:
         """Start warming the CUDA editors up for the first sweep's batch shapes (the trainer sets up meanwhile)."""
-        sizes = [tuple(image.shape[:2]) for image in self.datamanager.original_images]
+        sizes = self._view_sizes()
         groups = _size_groups(range(len(sizes)), sizes, self.edit_batch_limit)
         shapes = sorted({(len(group), *sizes[group[0]]) for group in groups})
         editors = [editor for editor in self.editors if self._needs_warm_up(editor, shapes)]
@@ -222,6 +221,10 @@ class IGS2GSPipeline(VanillaPipeline):
         else:
             CONSOLE.log(f"Warmed InstructPix2Pix up for batches of {shapes} views in {warm_up.seconds:.1f} s beside set-up")
         return waited
+
+    def _view_sizes(self) -> List[Tuple[int, int]]:
+        """(height, width) of each training view, in view-id order."""
+        return [(int(image.shape[0]), int(image.shape[1])) for image in self.datamanager.original_images]
 
     @property
     def edit_batch_limit(self) -> int:
@@ -418,8 +421,7 @@ class IGS2GSPipeline(VanillaPipeline):
         assert self.editor is not None and self.edit_store is not None and self.sweep_state is not None
         current = Sweep(self, sweep, step, self._persist_thread())
         current.timings["warm_up_wait_s"] = self._finish_warm_up()
-        sizes = [tuple(image.shape[:2]) for image in self.datamanager.original_images]
-        groups = _size_groups(current.todo, sizes, self.edit_batch_limit)
+        groups = _size_groups(current.todo, self._view_sizes(), self.edit_batch_limit)
         was_training = self.model.training
         try:
             if self.edit_workers is None:
