@@ -17,7 +17,7 @@ import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Hashable, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, Hashable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -60,16 +60,6 @@ def cudnn_heuristics():
             _autotune_holders -= 1
             if _autotune_holders == 0:
                 torch.backends.cudnn.benchmark = _autotune_saved
-
-
-def use_persistent_compile_cache() -> Path:
-    """Keep torch.compile's cache in ``~/.cache/igs2gs/torchinductor`` unless ``TORCHINDUCTOR_CACHE_DIR`` names one.
-
-    torch keeps it under /tmp, which many systems empty at boot; on an H100 the editor compiles in
-    78-105 s cold and loads from the cache in 15-31 s.
-    """
-    default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "igs2gs" / "torchinductor"
-    return Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default)))
 
 
 class IP2PUnavailableError(RuntimeError):
@@ -190,14 +180,11 @@ class InstructPix2Pix:
         self.max_batch_size = max_batch_size
         self.cache_conditioning = cache_conditioning
         self.vae_batch_size = max(1, vae_batch_size)
-        # The UNet is >95% of an edit's FLOPs, the VAE decoder most of the rest. Both are compiled for
-        # one batch shape: ``fixed_batch`` (set by the first batch or ``warm_up``) pads smaller batches.
+        # The UNet is >95% of an edit's FLOPs. A compiled editor packages it for one batch shape at its
+        # first call (``unet_package``): ``fixed_batch`` (set by the first batch or ``warm_up``) pads
+        # smaller batches to it.
         self.compiled = compile_unet
-        self._unet = self.unet
-        if compile_unet:
-            use_persistent_compile_cache()
-            self._unet = torch.compile(self.unet, dynamic=False)
-            self.vae.decoder.compile(dynamic=False)
+        self._unet: Callable = self.unet
         self.cudnn_benchmark = cudnn_benchmark
         """Let cuDNN autotune the editor's convolutions (if the process asks for it); off: its heuristics."""
         self.fixed_batch: Optional[int] = None
@@ -230,8 +217,8 @@ class InstructPix2Pix:
         ``attention_slicing`` trades speed for memory. Both are off by default: SDPA and a
         resident model are what make batched edits fast. ``vae_batch_size`` caps how many images
         the VAE encodes or decodes at once (its 512² activations, not the UNet's, set the peak);
-        ``compile_unet`` runs the UNet and the VAE decoder through ``torch.compile`` (about a minute,
-        once per batch shape, cached between runs: ``use_persistent_compile_cache``);
+        ``compile_unet`` runs the UNet from an ahead-of-time compiled package for the first batch
+        shape it edits (compiled once in minutes, then loaded from disk in seconds: ``unet_package``);
         ``cudnn_benchmark`` keeps cuDNN's benchmark mode (if on) for the editor, which otherwise edits
         with cuDNN's heuristics (``cudnn_heuristics``).
         """
@@ -382,7 +369,10 @@ class InstructPix2Pix:
             t = schedules[:, step]
             model_input = torch.cat([latents.to(self.dtype)] * 3)
             model_input = torch.cat([model_input, image_condition.to(self.dtype)], dim=1)
-            prediction = self._unet(model_input, t.repeat(3), encoder_hidden_states=text, return_dict=False)[0].float()
+            timesteps = t.repeat(3)
+            if self.compiled and self._unet is self.unet:
+                self._package_unet(model_input, timesteps, text)
+            prediction = self._unet(model_input, timesteps, encoder_hidden_states=text, return_dict=False)[0].float()
             text_pred, image_pred, uncond_pred = prediction.chunk(3)
             guided = (
                 uncond_pred
@@ -391,6 +381,17 @@ class InstructPix2Pix:
             )
             latents = self._ddim_step(guided, t, t - strides, latents)
         return self._decode(latents)
+
+    def _package_unet(self, sample: Tensor, timesteps: Tensor, text: Tensor) -> None:
+        """Switch to the UNet's compiled package for these inputs (loaded, or compiled once and kept); if that
+        fails, edit eagerly from now on, unpadded."""
+        from igs2gs.unet_package import packaged_unet
+
+        packaged = packaged_unet(self.unet, sample, timesteps, text)
+        if packaged is None:
+            self.compiled, self.fixed_batch = False, None
+        else:
+            self._unet = packaged
 
     def _edit_in_batches(self, renders: Tensor, condition: Tensor, starts: List[int], vae_noise: Tensor, noise: Tensor, **shared) -> Tensor:
         """``_edit_batch`` over batches of these rows as large as memory allows (halved on out-of-memory), padded
@@ -439,10 +440,10 @@ class InstructPix2Pix:
         """One throw-away edit of ``batch`` random views of this size; returns its seconds.
 
         It pays the first-use costs of that batch shape (cuDNN/cuBLAS set-up; with ``compile_unet``,
-        compiling the UNet and the VAE decoder or loading them from torch's cache), so that they
-        happen at set-up rather than in the first sweep. A compiling editor must warm up in the main
-        thread (torch.compile is not thread-safe); an eager one may warm up in any. The prompt's
-        embedding stays cached; the random views leave no condition latents.
+        loading the UNet's compiled package or compiling it), so that they happen at set-up rather
+        than in the first sweep. A compiling editor must warm up in the main thread (export and
+        compilation are not thread-safe); an eager one may warm up in any. The prompt's embedding
+        stays cached; the random views leave no condition latents.
         """
         started = time.perf_counter()
         generator = torch.Generator().manual_seed(0)

@@ -86,7 +86,7 @@ class IGS2GSPipelineConfig(VanillaPipelineConfig):
     ip2p_max_batch_size: Optional[int] = None
     """Most views edited at once; default: 16, or fewer if free GPU memory asks (an out-of-memory error halves it)."""
     ip2p_compile: bool = False
-    """Compile the editor's UNet and VAE decoder with torch.compile (CUDA) at set-up, for the sweeps' batch shape: faster edits after about a minute of compilation, cached between runs in ~/.cache/igs2gs/torchinductor (or $TORCHINDUCTOR_CACHE_DIR)."""
+    """Run the editor's UNet (CUDA) from a package compiled ahead of time for the sweeps' batch shape: faster edits. The first run for a shape, model architecture and GPU type compiles it (minutes); later runs load it in seconds from ~/.cache/igs2gs/unet-packages (or $IGS2GS_PACKAGE_DIR). Without a working compiler the editor stays eager (logged)."""
     edit_seed: int = 0
     """Seed of the edit noise; each (sweep, view) gets its own stream, so a resumed sweep makes the same edits."""
     sheet_views: int = 4
@@ -178,15 +178,15 @@ class IGS2GSPipeline(VanillaPipeline):
         )
 
     def _compile_editors(self) -> None:
-        """Compile each editor for the sweeps' batch shape now, in this thread: torch.compile is not
-        thread-safe, and overlapped or multi-device sweeps edit in threads."""
+        """Load or compile each editor's UNet package for the sweeps' batch shape now, in this thread: export and
+        compilation are not thread-safe, and overlapped or multi-device sweeps edit in threads."""
         (height, width), views = Counter(self._view_sizes()).most_common(1)[0]
         batch = min(self.edit_batch_limit, views)
         for editor in self.editors:
             if getattr(editor, "compiled", False):
-                CONSOLE.log(f"Compiling InstructPix2Pix on {editor.device} for batches of {batch} {width}x{height} views")
+                CONSOLE.log(f"Preparing the compiled InstructPix2Pix UNet on {editor.device} for batches of {batch} {width}x{height} views")
                 seconds = editor.warm_up(batch, height, width, self.prompt)
-                CONSOLE.log(f"Compiled in {seconds:.1f} s (torch caches it for the next run)")
+                CONSOLE.log(f"InstructPix2Pix warmed up in {seconds:.1f} s")
 
     def _warm_up_in_background(self) -> Optional[WarmUp]:
         """Start warming the CUDA editors up for the first sweep's batch shapes (the trainer sets up meanwhile)."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from types import SimpleNamespace
 
 import pytest
@@ -315,13 +314,16 @@ def test_sd15_shape_edits_on_cuda_in_half_precision(tmp_path):
 
 
 @pytest.mark.gpu
-def test_compiled_editor_pads_to_its_batch_and_edits_as_the_eager_one(tiny_ip2p_dir):
+def test_compiled_editor_pads_to_its_batch_and_edits_as_the_eager_one(tiny_ip2p_dir, tmp_path, monkeypatch):
     # float32 and mild guidance: in float16 a random model at guidance 12.5 amplifies rounding differences
     # between compiled and eager kernels to 0.29 at a few pixels.
+    from igs2gs.unet_package import PackagedUNet
+
+    monkeypatch.setenv("IGS2GS_PACKAGE_DIR", str(tmp_path))
     eager = InstructPix2Pix.from_pretrained(str(tiny_ip2p_dir), device="cuda", dtype=torch.float32)
     compiled = InstructPix2Pix.from_pretrained(str(tiny_ip2p_dir), device="cuda", dtype=torch.float32, compile_unet=True)
     compiled.warm_up(4, 64, 64, PROMPT)
-    assert compiled.fixed_batch == 4
+    assert compiled.fixed_batch == 4 and isinstance(compiled._unet, PackagedUNet)
     renders, originals = images(3, 64, 64).cuda(), images(3, 64, 64, seed=1).cuda()
     settings = dict(guidance_scale=3.0, diffusion_steps=5)
     expected = eager.edit(renders, originals, PROMPT, generator=generators(3), **settings)
@@ -331,14 +333,3 @@ def test_compiled_editor_pads_to_its_batch_and_edits_as_the_eager_one(tiny_ip2p_
     # Measured on an H100: max 0.0146-0.0155, mean 0.0012 (convolution algorithms differ); a padded
     # row handed back in the wrong place would differ by ~0.1 on average.
     assert difference.max() < 0.05 and difference.mean() < 5e-3, (difference.max(), difference.mean())
-
-
-def test_compile_cache_outlives_tmp_unless_the_user_chose_one(monkeypatch, tmp_path):
-    from igs2gs.ip2p import use_persistent_compile_cache
-
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    assert use_persistent_compile_cache() == tmp_path / "cache" / "igs2gs" / "torchinductor"
-    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "igs2gs" / "torchinductor")
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
-    assert use_persistent_compile_cache() == tmp_path / "mine"
