@@ -89,6 +89,8 @@ def test_a_later_run_loads_the_package_and_binds_it_to_its_own_weights(packaged,
     """The package holds kernels, not weights: another checkpoint of the architecture loads it without compiling."""
     folder, first, _ = packaged
     monkeypatch.setattr(unet_package, "_compile", lambda *args: pytest.fail("compiled again"))
+    # torch's public loader first builds and runs CPU test programs (~50 s of a fresh process on the H100 machine)
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", lambda *args, **kwargs: pytest.fail("the slow loader"))
     other = copy.deepcopy(first.unet)
     with torch.no_grad():
         for parameter in other.parameters():
