@@ -436,14 +436,37 @@ class InstructPix2Pix:
             limit = min(limit, int(0.8 * free // edit_bytes(1, height, width)))
         return max(1, min(limit, count))
 
+    def _unet_size(self, height: int, width: int) -> Tuple[int, int]:
+        """The size views of this size are edited at: the nearest multiple of the VAE's downscaling."""
+        return tuple(max(self.vae_scale, round(side / self.vae_scale) * self.vae_scale) for side in (height, width))  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def prepare_compiled(self, batch: int, height: int, width: int, prompt: str) -> None:
+        """Load the UNet's package for batches of ``batch`` views of this size (compiling it the first time), in
+        the calling thread: export and compilation are not thread-safe. Smaller batches are padded to it."""
+        if not self.compiled or self._unet is not self.unet:
+            return
+        unet_height, unet_width = self._unet_size(height, width)
+        rows = 3 * batch  # the three guidance branches
+        sample = torch.zeros(
+            rows, int(self.unet.config.in_channels), unet_height // self.vae_scale, unet_width // self.vae_scale,
+            device=self.device, dtype=self.dtype,
+        )
+        total = int(self.scheduler.config.num_train_timesteps)
+        timesteps = self._timesteps(total, 1).to(self.device).repeat(rows)
+        embeddings = self.encode_prompt(prompt)
+        text = torch.cat([embeddings[i : i + 1].expand(batch, -1, -1) for i in range(3)])
+        self.fixed_batch = batch
+        self._package_unet(sample, timesteps, text)
+
     def warm_up(self, batch: int, height: int, width: int, prompt: str, diffusion_steps: int = 1) -> float:
         """One throw-away edit of ``batch`` random views of this size; returns its seconds.
 
         It pays the first-use costs of that batch shape (cuDNN/cuBLAS set-up; with ``compile_unet``,
         loading the UNet's compiled package or compiling it), so that they happen at set-up rather
-        than in the first sweep. A compiling editor must warm up in the main thread (export and
-        compilation are not thread-safe); an eager one may warm up in any. The prompt's embedding
-        stays cached; the random views leave no condition latents.
+        than in the first sweep. A compiled editor not yet ``prepare_compiled`` must warm up in the
+        main thread (export and compilation are not thread-safe); others may warm up in any. The
+        prompt's embedding stays cached; the random views leave no condition latents.
         """
         started = time.perf_counter()
         generator = torch.Generator().manual_seed(0)
@@ -494,8 +517,7 @@ class InstructPix2Pix:
         if count == 0:
             return renders.new_zeros(renders.shape, dtype=torch.float32)
 
-        unet_height = max(self.vae_scale, round(height / self.vae_scale) * self.vae_scale)
-        unet_width = max(self.vae_scale, round(width / self.vae_scale) * self.vae_scale)
+        unet_height, unet_width = self._unet_size(height, width)
         resized = (unet_height, unet_width) != (height, width)
         if resized:
             renders_in = F.interpolate(renders.float(), (unet_height, unet_width), mode="bilinear", align_corners=False)

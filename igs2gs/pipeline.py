@@ -152,9 +152,9 @@ class IGS2GSPipeline(VanillaPipeline):
             from igs2gs.viewer_controls import EditControls
 
             self.editors = [self._load_editor(device) for device in editor_devices(config, str(self.device))]
-            if config.ip2p_compile and config.editor == "ip2p":
-                self._compile_editors()
-            elif config.editor == "ip2p":
+            if config.editor == "ip2p":
+                if config.ip2p_compile:
+                    self._compile_editors()
                 self.warm_up = self._warm_up_in_background()
             self.editor = self.editors[0]
             if len(self.editors) > 1 or config.overlap_edits:
@@ -185,8 +185,7 @@ class IGS2GSPipeline(VanillaPipeline):
         for editor in self.editors:
             if getattr(editor, "compiled", False):
                 CONSOLE.log(f"Preparing the compiled InstructPix2Pix UNet on {editor.device} for batches of {batch} {width}x{height} views")
-                seconds = editor.warm_up(batch, height, width, self.prompt)
-                CONSOLE.log(f"InstructPix2Pix warmed up in {seconds:.1f} s")
+                editor.prepare_compiled(batch, height, width, self.prompt)
 
     def _warm_up_in_background(self) -> Optional[WarmUp]:
         """Start warming the CUDA editors up for the first sweep's batch shapes (the trainer sets up meanwhile)."""

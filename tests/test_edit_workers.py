@@ -12,6 +12,7 @@ from conftest import step_pipeline
 from igs2gs.edit_store import EditStore
 from igs2gs.edit_workers import EditJob, EditWorkers, WarmUp
 from igs2gs.ip2p import InstructPix2Pix
+from igs2gs.pipeline import IGS2GSPipeline
 from test_pipeline import TRAIN_VIEWS, make_trainer, stored_equals_working_set
 
 PROMPT = "make it look like bronze"
@@ -109,27 +110,35 @@ def test_pipeline_sweeps_on_two_cpu_replicas(scene_dir, splatfacto_run, tiny_ip2
     assert 0 < timings["fastest_batch_edit_s"] <= timings["slowest_batch_edit_s"] < timings["edit_s"]
 
 
-def test_compiled_editors_are_warmed_up_at_set_up_in_the_main_thread(scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path, monkeypatch):
-    """torch.compile is not thread-safe: compilation must happen before editor threads start, for
-    the shape the sweeps will use (the batch limit, the views' size)."""
-    warm_ups = []
+def test_compiled_editors_prepare_their_package_at_set_up_in_the_main_thread(scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path, monkeypatch):
+    """Export and compilation are not thread-safe: each compiled editor loads or compiles its UNet package before
+    editor threads start, for the shape the sweeps will use (the batch limit, the views' size); its warm-up then
+    runs beside set-up as an eager editor's does."""
+    prepared, warmed = [], []
     real_load = InstructPix2Pix.from_pretrained
 
     def load_as_compiled(*args, **kwargs):
         editor = real_load(*args, **kwargs)
-        editor.compiled = kwargs["compile_unet"]  # compilation itself is CUDA-only
+        editor.compiled = kwargs["compile_unet"]  # from_pretrained compiles on CUDA only
         return editor
 
+    def prepare_compiled(editor, batch, height, width, prompt):
+        prepared.append((editor.device.type, batch, height, width, threading.current_thread() is threading.main_thread()))
+
     def warm_up(editor, batch, height, width, prompt):
-        warm_ups.append((editor.device.type, batch, height, width, threading.current_thread() is threading.main_thread()))
+        warmed.append((len(prepared), threading.current_thread() is threading.main_thread()))
         return 0.0
 
     monkeypatch.setattr(InstructPix2Pix, "from_pretrained", load_as_compiled)
+    monkeypatch.setattr(InstructPix2Pix, "prepare_compiled", prepare_compiled)
     monkeypatch.setattr(InstructPix2Pix, "warm_up", warm_up)
+    monkeypatch.setattr(IGS2GSPipeline, "_needs_warm_up", staticmethod(lambda editor, shapes: True))  # as on a large GPU
     trainer = make_trainer(scene_dir, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, "compile-overlap",
                            ip2p_compile=True, overlap_edits=True, ip2p_devices="cpu,cpu", ip2p_max_batch_size=4)
     height, width = trainer.pipeline.datamanager.original_images[0].shape[:2]
-    assert warm_ups == [("cpu", min(4, TRAIN_VIEWS), height, width, True)] * 2
+    assert prepared == [("cpu", min(4, TRAIN_VIEWS), height, width, True)] * 2
+    trainer.pipeline.warm_up.wait()
+    assert warmed and all(entry == (2, False) for entry in warmed)  # after both packages, in the warm-up thread
 
 
 def test_warm_up_edits_each_shape_on_each_editor_in_a_background_thread_and_keeps_failures(replicas, monkeypatch):
@@ -150,8 +159,6 @@ def test_warm_up_edits_each_shape_on_each_editor_in_a_background_thread_and_keep
 
 def test_only_cuda_editors_with_room_for_the_warm_up_beside_the_scene_warm_up(replicas, monkeypatch):
     from igs2gs.ip2p import edit_bytes
-    from igs2gs.pipeline import IGS2GSPipeline
-
     shapes = [(14, 511, 511), (15, 511, 511)]
     assert edit_bytes(15, 511, 511) == pytest.approx(15 * 0.55e9) and edit_bytes(2, 1024, 1024) == pytest.approx(4 * 2 * 0.55e9)
     assert not IGS2GSPipeline._needs_warm_up(replicas[0], shapes)  # a CPU editor has no set-up worth hiding
@@ -165,8 +172,6 @@ def test_only_cuda_editors_with_room_for_the_warm_up_beside_the_scene_warm_up(re
 
 def test_the_first_sweep_waits_for_the_warm_up_of_the_first_sweeps_batch_shapes(scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path, monkeypatch):
     """CUDA editors warm up beside set-up; here CPU editors stand in (the warm-up is CUDA-only otherwise)."""
-    from igs2gs.pipeline import IGS2GSPipeline
-
     events = []
 
     def warm_up(editor, batch, height, width, prompt):

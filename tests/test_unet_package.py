@@ -104,6 +104,20 @@ def test_a_later_run_loads_the_package_and_binds_it_to_its_own_weights(packaged,
     assert (output - first.unet(sample, timestep, encoder_hidden_states=text).sample).abs().max() > 1e-2
 
 
+def test_prepared_at_set_up_an_editor_edits_through_the_package_its_first_edit_would_have_made(packaged, tiny_ip2p_dir, monkeypatch):
+    folder, _, edited = packaged
+    monkeypatch.setenv("IGS2GS_PACKAGE_DIR", str(folder))
+    monkeypatch.setattr(unet_package, "_compile", lambda *args: pytest.fail("prepared a package of another key"))
+    editor = compiled_editor(tiny_ip2p_dir)
+    editor.prepare_compiled(BATCH, SIZE, SIZE, PROMPT)
+    assert isinstance(editor._unet, PackagedUNet) and editor.fixed_batch == BATCH
+    calls = []
+    real_runner = editor._unet.runner
+    editor._unet.runner = lambda *args: calls.append(1) or real_runner(*args)
+    assert (edit(editor) - edited).abs().max() < 1e-5
+    assert len(calls) == 3  # every diffusion step through the package
+
+
 def test_a_damaged_package_is_compiled_again(packaged, unet_inputs, tmp_path, monkeypatch):
     folder, editor, _ = packaged
     good = next(folder.iterdir())
