@@ -180,9 +180,9 @@ class InstructPix2Pix:
         self.max_batch_size = max_batch_size
         self.cache_conditioning = cache_conditioning
         self.vae_batch_size = max(1, vae_batch_size)
-        # The UNet is >95% of an edit's FLOPs. A compiled editor packages it for one batch shape at its
-        # first call (``unet_package``): ``fixed_batch`` (set by the first batch or ``warm_up``) pads
-        # smaller batches to it.
+        # The UNet is >95% of an edit's FLOPs. A compiled editor runs it from a package for one batch shape
+        # (``unet_package``), made by ``prepare_compiled`` or else at its first UNet call: ``fixed_batch`` (set
+        # by ``prepare_compiled`` or the first batch) pads smaller batches to it.
         self.compiled = compile_unet
         self._unet: Callable = self.unet
         self.cudnn_benchmark = cudnn_benchmark
