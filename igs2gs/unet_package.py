@@ -83,8 +83,8 @@ class PackagedUNet:
 
 def _load(path: Path, device_index: int) -> Callable:
     """The package's runner, from its own loader. ``torch._inductor.aoti_load_package`` first describes this
-    machine for a mismatch warning, building and running a test program per CPU vector instruction set: 51-56 s
-    of a fresh process on the H100 machine, against ~1 s for the load itself."""
+    machine for a mismatch warning, building and running a test program per CPU vector instruction set: 49-56 s
+    of a fresh process on the H100 machine, against under a second for the load itself."""
     try:
         from torch._C._aoti import AOTIModelPackageLoader
         from torch._inductor.package.package import AOTICompiledModel
@@ -94,8 +94,9 @@ def _load(path: Path, device_index: int) -> Callable:
         return torch._inductor.aoti_load_package(str(path), device_index=device_index)
 
 
-def _bind(path: Path, unet: nn.Module, device: torch.device) -> Tuple[Callable, Dict[str, Tensor]]:
-    """Load the package at ``path`` and point its constants at ``unet``'s tensors."""
+def _bind(path: Path, unet: nn.Module, sample: Tensor) -> PackagedUNet:
+    """Load the package at ``path`` (made for inputs like ``sample``) and point its constants at ``unet``'s tensors."""
+    device = sample.device
     runner = _load(path, device.index if device.type == "cuda" and device.index is not None else -1)
     weights = _UNetCall(unet).state_dict()
     needed = list(runner.get_constant_fqns())
@@ -107,7 +108,7 @@ def _bind(path: Path, unet: nn.Module, device: torch.device) -> Tuple[Callable, 
         raise ValueError(f"the package has weights built in: {baked[:3]}")
     constants = {name: weights[name] for name in needed}
     runner.load_constants(constants, check_full_update=True, user_managed=True)
-    return runner, constants
+    return PackagedUNet(unet, runner, sample.shape, constants)
 
 
 def _compile(unet: nn.Module, inputs: Tuple[Tensor, Tensor, Tensor], path: Path) -> None:
@@ -136,17 +137,17 @@ def packaged_unet(
     started = time.perf_counter()
     if path.exists():
         try:
-            runner, constants = _bind(path, unet, sample.device)
+            packaged = _bind(path, unet, sample)
             CONSOLE.log(f"Loaded the compiled UNet from {path} in {time.perf_counter() - started:.1f} s")
-            return PackagedUNet(unet, runner, sample.shape, constants)
+            return packaged
         except Exception as error:  # noqa: BLE001 - a damaged or foreign file is replaced, not fatal
             CONSOLE.log(f"[yellow]igs2gs: the compiled UNet in {path} could not be loaded ({error}); compiling it again")
     CONSOLE.log(f"Compiling the UNet for inputs of {tuple(sample.shape)} (once; kept in {path.parent})")
     try:
         _compile(unet, inputs, path)
-        runner, constants = _bind(path, unet, sample.device)
+        packaged = _bind(path, unet, sample)
     except Exception as error:  # noqa: BLE001 - no compiler, an unsupported op...: edit eagerly instead
-        CONSOLE.log(f"[yellow]igs2gs: compiling the UNet failed ({type(error).__name__}: {error}); editing without it")
+        CONSOLE.log(f"[yellow]igs2gs: compiling or loading the UNet's package failed ({type(error).__name__}: {error}); editing without it")
         return None
     CONSOLE.log(f"Compiled the UNet in {time.perf_counter() - started:.1f} s")
-    return PackagedUNet(unet, runner, sample.shape, constants)
+    return packaged
