@@ -142,7 +142,7 @@ def packaged_unet(
             return packaged
         except Exception as error:  # noqa: BLE001 - a damaged or foreign file is replaced, not fatal
             CONSOLE.log(f"[yellow]igs2gs: the compiled UNet in {path} could not be loaded ({error}); compiling it again")
-    CONSOLE.log(f"Compiling the UNet for inputs of {tuple(sample.shape)} (once; kept in {path.parent})")
+    CONSOLE.log(f"Compiling the UNet for inputs of {tuple(sample.shape)}: once, a few minutes (171 s on an H100); kept in {path.parent}")
     try:
         _compile(unet, inputs, path)
         packaged = _bind(path, unet, sample)
