@@ -150,6 +150,12 @@ def _padded(rows: Tensor, count: int) -> Tensor:
     return torch.cat([rows, rows[-1:].expand(count, *rows.shape[1:])]) if count else rows
 
 
+def _branch_text(embeddings: Tensor, count: int) -> Tensor:
+    """The UNet's text conditioning for ``count`` edits: each of the three guidance branches' embedding
+    (``encode_prompt``'s rows) repeated per edit, branch after branch."""
+    return torch.cat([embeddings[i : i + 1].expand(count, -1, -1) for i in range(3)])
+
+
 class InstructPix2Pix:
     """A loaded InstructPix2Pix model and the caches that make repeated sweeps cheap.
 
@@ -364,7 +370,7 @@ class InstructPix2Pix:
         strides = torch.tensor([start // diffusion_steps for start in starts], device=self.device)
         latents = self.scheduler.add_noise(latents, noise, schedules[:, 0])
         image_condition = torch.cat([condition, condition, torch.zeros_like(condition)])
-        text = torch.cat([embeddings[i : i + 1].expand(count, -1, -1) for i in range(3)])
+        text = _branch_text(embeddings, count)
         for step in range(diffusion_steps):
             t = schedules[:, step]
             model_input = torch.cat([latents.to(self.dtype)] * 3)
@@ -455,7 +461,7 @@ class InstructPix2Pix:
         total = int(self.scheduler.config.num_train_timesteps)
         timesteps = self._timesteps(total, 1).to(self.device).repeat(rows)
         embeddings = self.encode_prompt(prompt)
-        text = torch.cat([embeddings[i : i + 1].expand(batch, -1, -1) for i in range(3)])
+        text = _branch_text(embeddings, batch)
         self.fixed_batch = batch
         self._package_unet(sample, timesteps, text)
 
