@@ -10,6 +10,7 @@ transformers are imported only when a model is loaded, so the plugin's config st
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import re
@@ -186,11 +187,14 @@ class InstructPix2Pix:
         self.max_batch_size = max_batch_size
         self.cache_conditioning = cache_conditioning
         self.vae_batch_size = max(1, vae_batch_size)
-        # The UNet is >95% of an edit's FLOPs. A compiled editor runs it from a package for one batch shape
-        # (``unet_package``), made by ``prepare_compiled`` or else at its first UNet call: ``fixed_batch`` (set
-        # by ``prepare_compiled`` or the first batch) pads smaller batches to it.
+        # A compiled editor runs the UNet (>95% of an edit's FLOPs) and the VAE from packages for one batch shape
+        # (``aot_package``), made by ``prepare_compiled`` or else at its first batch: ``fixed_batch`` (set by
+        # ``prepare_compiled`` or the first batch) pads smaller batches to it.
         self.compiled = compile_unet
-        self._unet: Callable = self.unet
+        self._packaged = False  # packaging was tried (it is tried once)
+        self._unet_call: Callable[[Tensor, Tensor, Tensor], Tensor] = self._eager_unet
+        self._encoder_call: Callable[[Tensor], Tensor] = self._eager_encoder
+        self._decoder_call: Callable[[Tensor], Tensor] = self._eager_decoder
         self.cudnn_benchmark = cudnn_benchmark
         """Let cuDNN autotune the editor's convolutions (if the process asks for it); off: its heuristics."""
         self.fixed_batch: Optional[int] = None
@@ -223,12 +227,18 @@ class InstructPix2Pix:
         ``attention_slicing`` trades speed for memory. Both are off by default: SDPA and a
         resident model are what make batched edits fast. ``vae_batch_size`` caps how many images
         the VAE encodes or decodes at once (its 512² activations, not the UNet's, set the peak);
-        ``compile_unet`` runs the UNet from an ahead-of-time compiled package for the first batch
-        shape it edits (compiled once in minutes, then loaded from disk in seconds: ``unet_package``);
+        ``compile_unet`` runs the UNet and the VAE from ahead-of-time compiled packages for the first batch
+        shape it edits (compiled once in minutes, then loaded from disk in seconds: ``aot_package``; CUDA only,
+        not with ``cpu_offload``, which moves the weights those packages read);
         ``cudnn_benchmark`` keeps cuDNN's benchmark mode (if on) for the editor, which otherwise edits
         with cuDNN's heuristics (``cudnn_heuristics``).
         """
         device = torch.device(device)
+        if compile_unet and cpu_offload:
+            raise ValueError(
+                "compile_unet and cpu_offload cannot be combined: the compiled packages read the weights where they "
+                "were at load, and offloading moves them (--pipeline.ip2p-compile / --pipeline.ip2p-cpu-offload)"
+            )
         if device.type == "cpu" and dtype != torch.float32:
             dtype = torch.float32  # half-precision convolutions are slow or missing on CPU
         pipe = _load_pipeline(str(model), dtype)
@@ -270,17 +280,28 @@ class InstructPix2Pix:
                 self._condition_latents[keys[index]] = latent
         return torch.stack([self._condition_latents[key] for key in keys])
 
+    def _eager_unet(self, sample: Tensor, timestep: Tensor, text: Tensor) -> Tensor:
+        return self.unet(sample, timestep, encoder_hidden_states=text, return_dict=False)[0]
+
+    def _eager_encoder(self, images: Tensor) -> Tensor:
+        return self.vae.encode(images).latent_dist.parameters
+
+    def _eager_decoder(self, latents: Tensor) -> Tensor:
+        return self.vae.decode(latents).sample
+
     def _encode(self, images: Tensor) -> List:
         """VAE posteriors of [0,1] images, ``vae_batch_size`` at a time."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
         return [
-            self.vae.encode(images[first : first + self.vae_batch_size].to(self.device, self.dtype) * 2 - 1).latent_dist
+            DiagonalGaussianDistribution(self._encoder_call(images[first : first + self.vae_batch_size].to(self.device, self.dtype) * 2 - 1))
             for first in range(0, images.shape[0], self.vae_batch_size)
         ]
 
     def _decode(self, latents: Tensor) -> Tensor:
         """[0,1] float images of scaled latents, ``vae_batch_size`` at a time."""
         decoded = [
-            self.vae.decode((latents[first : first + self.vae_batch_size] / self.latent_scaling).to(self.dtype)).sample.float()
+            self._decoder_call((latents[first : first + self.vae_batch_size] / self.latent_scaling).to(self.dtype)).float()
             for first in range(0, latents.shape[0], self.vae_batch_size)
         ]
         return (torch.cat(decoded) / 2 + 0.5).clamp(0, 1)
@@ -362,6 +383,8 @@ class InstructPix2Pix:
         diffusion_steps: int,
     ) -> Tensor:
         count = renders.shape[0]
+        if self.compiled and not self._packaged:
+            self._package(count, renders.shape[2], renders.shape[3], embeddings)
         posteriors = self._encode(renders)
         mean = torch.cat([posterior.mean.float() for posterior in posteriors])
         std = torch.cat([posterior.std.float() for posterior in posteriors])
@@ -375,10 +398,7 @@ class InstructPix2Pix:
             t = schedules[:, step]
             model_input = torch.cat([latents.to(self.dtype)] * 3)
             model_input = torch.cat([model_input, image_condition.to(self.dtype)], dim=1)
-            timesteps = t.repeat(3)
-            if self.compiled and self._unet is self.unet:
-                self._package_unet(model_input, timesteps, text)
-            prediction = self._unet(model_input, timesteps, encoder_hidden_states=text, return_dict=False)[0].float()
+            prediction = self._unet_call(model_input, t.repeat(3), text).float()
             text_pred, image_pred, uncond_pred = prediction.chunk(3)
             guided = (
                 uncond_pred
@@ -388,16 +408,31 @@ class InstructPix2Pix:
             latents = self._ddim_step(guided, t, t - strides, latents)
         return self._decode(latents)
 
-    def _package_unet(self, sample: Tensor, timesteps: Tensor, text: Tensor) -> None:
-        """Switch to the UNet's compiled package for these inputs (loaded, or compiled once and kept); if that
-        fails, edit eagerly from now on, unpadded."""
-        from igs2gs.unet_package import packaged_unet
+    def _package(self, count: int, height: int, width: int, embeddings: Tensor) -> None:
+        """Switch the UNet and the VAE to their compiled packages for batches of ``count`` views of this (UNet) size,
+        loaded or compiled once and kept. If the UNet's fails, edit eagerly from now on, unpadded; a VAE part whose
+        package fails runs eagerly."""
+        from igs2gs.aot_package import UNetCall, VAEDecoderCall, VAEEncoderCall, packaged
 
-        packaged = packaged_unet(self.unet, sample, timesteps, text)
-        if packaged is None:
+        self._packaged = True
+        rows, chunk = 3 * count, min(count, self.vae_batch_size)  # three guidance branches; the VAE's batches
+        latent_size = (height // self.vae_scale, width // self.vae_scale)
+        zeros = functools.partial(torch.zeros, device=self.device, dtype=self.dtype)
+        total = int(self.scheduler.config.num_train_timesteps)
+        unet_inputs = (
+            zeros(rows, int(self.unet.config.in_channels), *latent_size),
+            self._timesteps(total, 1).to(self.device).repeat(rows),
+            _branch_text(embeddings, count),
+        )
+        unet = packaged(UNetCall(self.unet), unet_inputs)
+        if unet is None:
             self.compiled, self.fixed_batch = False, None
-        else:
-            self._unet = packaged
+            return
+        self._unet_call = unet
+        encoder = packaged(VAEEncoderCall(self.vae), (zeros(chunk, 3, height, width),))
+        self._encoder_call = encoder or self._encoder_call
+        decoder = packaged(VAEDecoderCall(self.vae), (zeros(chunk, int(self.vae.config.latent_channels), *latent_size),))
+        self._decoder_call = decoder or self._decoder_call
 
     def _edit_in_batches(self, renders: Tensor, condition: Tensor, starts: List[int], vae_noise: Tensor, noise: Tensor, **shared) -> Tensor:
         """``_edit_batch`` over batches of these rows as large as memory allows (halved on out-of-memory), padded
@@ -448,28 +483,18 @@ class InstructPix2Pix:
 
     @torch.no_grad()
     def prepare_compiled(self, batch: int, height: int, width: int, prompt: str) -> None:
-        """Load the UNet's package for batches of ``batch`` views of this size (compiling it the first time), in
-        the calling thread: export and compilation are not thread-safe. Smaller batches are padded to it."""
-        if not self.compiled or self._unet is not self.unet:
+        """Load the packages for batches of ``batch`` views of this size (compiling them the first time), in the
+        calling thread: export and compilation are not thread-safe. Smaller batches are padded to it."""
+        if not self.compiled or self._packaged:
             return
-        unet_height, unet_width = self._unet_size(height, width)
-        rows = 3 * batch  # the three guidance branches
-        sample = torch.zeros(
-            rows, int(self.unet.config.in_channels), unet_height // self.vae_scale, unet_width // self.vae_scale,
-            device=self.device, dtype=self.dtype,
-        )
-        total = int(self.scheduler.config.num_train_timesteps)
-        timesteps = self._timesteps(total, 1).to(self.device).repeat(rows)
-        embeddings = self.encode_prompt(prompt)
-        text = _branch_text(embeddings, batch)
         self.fixed_batch = batch
-        self._package_unet(sample, timesteps, text)
+        self._package(batch, *self._unet_size(height, width), self.encode_prompt(prompt))
 
     def warm_up(self, batch: int, height: int, width: int, prompt: str, diffusion_steps: int = 1) -> float:
         """One throw-away edit of ``batch`` random views of this size; returns its seconds.
 
         It pays the first-use costs of that batch shape (cuDNN/cuBLAS set-up; with ``compile_unet``,
-        loading the UNet's compiled package or compiling it), so that they happen at set-up rather
+        loading the compiled packages or compiling them), so that they happen at set-up rather
         than in the first sweep. A compiled editor not yet ``prepare_compiled`` must warm up in the
         main thread (export and compilation are not thread-safe); others may warm up in any. The
         prompt's embedding stays cached; the random views leave no condition latents.

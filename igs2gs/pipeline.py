@@ -86,7 +86,7 @@ class IGS2GSPipelineConfig(VanillaPipelineConfig):
     ip2p_max_batch_size: Optional[int] = None
     """Most views edited at once; default: 16, or fewer if free GPU memory asks (an out-of-memory error halves it)."""
     ip2p_compile: bool = False
-    """Run the editor's UNet (CUDA) from a package compiled ahead of time for the sweeps' batch shape: faster edits. The first run for a shape, model architecture and GPU type compiles it (minutes); later runs load it in seconds from ~/.cache/igs2gs/unet-packages (or $IGS2GS_PACKAGE_DIR). Without a working compiler the editor stays eager (logged)."""
+    """Run the editor's UNet and VAE (CUDA) from packages compiled ahead of time for the sweeps' batch shape: faster edits. The first run for a shape, model architecture and GPU type compiles them (minutes); later runs load them in seconds from ~/.cache/igs2gs/packages (or $IGS2GS_PACKAGE_DIR). Without a working compiler the editor stays eager (logged). Not with --pipeline.ip2p-cpu-offload."""
     edit_seed: int = 0
     """Seed of the edit noise; each (sweep, view) gets its own stream, so a resumed sweep makes the same edits."""
     sheet_views: int = 4
@@ -178,13 +178,13 @@ class IGS2GSPipeline(VanillaPipeline):
         )
 
     def _compile_editors(self) -> None:
-        """Load or compile each editor's UNet package for the sweeps' batch shape now, in this thread: export and
+        """Load or compile each editor's packages for the sweeps' batch shape now, in this thread: export and
         compilation are not thread-safe, and overlapped or multi-device sweeps edit in threads."""
         (height, width), views = Counter(self._view_sizes()).most_common(1)[0]
         batch = min(self.edit_batch_limit, views)
         for editor in self.editors:
             if getattr(editor, "compiled", False):
-                CONSOLE.log(f"Preparing the compiled InstructPix2Pix UNet on {editor.device} for batches of {batch} {width}x{height} views")
+                CONSOLE.log(f"Preparing the compiled InstructPix2Pix UNet and VAE on {editor.device} for batches of {batch} {width}x{height} views")
                 editor.prepare_compiled(batch, height, width, self.prompt)
 
     def _warm_up_in_background(self) -> Optional[WarmUp]:

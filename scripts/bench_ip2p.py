@@ -11,9 +11,9 @@ speed and memory are real and the pictures are noise.
 Also printed: the VAE's share of an edit (encode + decode, timed alone) and, at the
 ``--compile-batch`` size, the ``--variants``, each from a fresh editor with its first call (compile,
 autotuning, lazy CUDA set-up) timed apart: ``eager`` (the default editor), ``autotuned`` (cuDNN's
-benchmark mode kept for the editor), ``bfloat16``, and the UNet run from its ahead-of-time compiled
-package (``compiled``: the first such row compiles it unless ``~/.cache/igs2gs/unet-packages`` has it,
-a second one loads it; ``compiled_vae8`` decodes 8 at a time). The process turns cuDNN's benchmark mode on,
+benchmark mode kept for the editor), ``bfloat16``, and the UNet and VAE run from their ahead-of-time
+compiled packages (``compiled``: the first such row compiles them unless ``~/.cache/igs2gs/packages`` has
+them, a second one loads them; ``compiled_vae8`` encodes and decodes 8 at a time). The process turns cuDNN's benchmark mode on,
 as ``ns-train`` does; the editor edits with cuDNN's heuristics unless ``autotuned``.
 """
 

@@ -111,7 +111,7 @@ def test_pipeline_sweeps_on_two_cpu_replicas(scene_dir, splatfacto_run, tiny_ip2
 
 
 def test_compiled_editors_prepare_their_package_at_set_up_in_the_main_thread(scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path, monkeypatch):
-    """Export and compilation are not thread-safe: each compiled editor loads or compiles its UNet package before
+    """Export and compilation are not thread-safe: each compiled editor loads or compiles its packages before
     editor threads start, for the shape the sweeps will use (the batch limit, the views' size); its warm-up then
     runs beside set-up as an eager editor's does."""
     prepared, warmed = [], []

@@ -80,8 +80,8 @@ def test_batches_padded_to_a_fixed_size_give_the_same_edits(ip2p, monkeypatch):
     renders, originals = images(3), images(3, seed=1)
     plain = ip2p.edit(renders, originals, PROMPT, diffusion_steps=3, generator=generators(3))
     rows = []
-    real_unet = ip2p._unet
-    monkeypatch.setattr(ip2p, "_unet", lambda latents, *a, **k: rows.append(latents.shape[0]) or real_unet(latents, *a, **k))
+    real_unet = ip2p._unet_call
+    monkeypatch.setattr(ip2p, "_unet_call", lambda latents, *a, **k: rows.append(latents.shape[0]) or real_unet(latents, *a, **k))
     monkeypatch.setattr(ip2p, "fixed_batch", 5)
     padded = ip2p.edit(renders, originals, PROMPT, diffusion_steps=3, generator=generators(3))
     assert rows == [15] * 3  # 5 edits x 3 guidance branches, each step
@@ -91,9 +91,9 @@ def test_batches_padded_to_a_fixed_size_give_the_same_edits(ip2p, monkeypatch):
 
 def test_warm_up_edits_once_with_one_diffusion_step_and_leaves_only_the_prompt_cached(ip2p, monkeypatch):
     batches, unet_calls = [], []
-    real, real_unet = ip2p._edit_batch, ip2p._unet
+    real, real_unet = ip2p._edit_batch, ip2p._unet_call
     monkeypatch.setattr(ip2p, "_edit_batch", lambda renders, *a, **k: batches.append(tuple(renders.shape)) or real(renders, *a, **k))
-    monkeypatch.setattr(ip2p, "_unet", lambda sample, *a, **k: unet_calls.append(sample.shape[0]) or real_unet(sample, *a, **k))
+    monkeypatch.setattr(ip2p, "_unet_call", lambda sample, *a, **k: unet_calls.append(sample.shape[0]) or real_unet(sample, *a, **k))
     cached, encodings = dict(ip2p._condition_latents), ip2p.condition_encodings
     prompt = "warm-up test instruction"
     seconds = ip2p.warm_up(2, 24, 40, prompt)
@@ -152,7 +152,7 @@ class StubUNet(torch.nn.Module):
 
 def test_guidance_combines_the_three_branches_as_instruct_pix2pix_does(ip2p, monkeypatch):
     stub = StubUNet(ip2p.unet.config)
-    monkeypatch.setattr(ip2p, "_unet", stub)
+    monkeypatch.setattr(ip2p, "unet", stub)
     captured = {}
     real_step = ip2p._ddim_step
 
@@ -169,7 +169,7 @@ def test_guidance_combines_the_three_branches_as_instruct_pix2pix_does(ip2p, mon
 
 def test_start_timestep_is_drawn_within_the_bounds(ip2p, monkeypatch):
     stub = StubUNet(ip2p.unet.config)
-    monkeypatch.setattr(ip2p, "_unet", stub)
+    monkeypatch.setattr(ip2p, "unet", stub)
     real_draw = ip2p._draw
     drawn = {}
 
@@ -210,7 +210,7 @@ def test_edits_run_with_cudnn_heuristics_and_give_the_process_its_flag_back(ip2p
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
     barrier = threading.Barrier(2)
     stub = FlagRecordingUNet(ip2p.unet.config, gate=barrier)
-    monkeypatch.setattr(ip2p, "_unet", stub)
+    monkeypatch.setattr(ip2p, "unet", stub)
     threads = [threading.Thread(target=ip2p.edit, args=(images(1), images(1, seed=1), PROMPT), kwargs=dict(diffusion_steps=2)) for _ in range(2)]
     for thread in threads:
         thread.start()
@@ -317,13 +317,14 @@ def test_sd15_shape_edits_on_cuda_in_half_precision(tmp_path):
 def test_compiled_editor_pads_to_its_batch_and_edits_as_the_eager_one(tiny_ip2p_dir, tmp_path, monkeypatch):
     # float32 and mild guidance: in float16 a random model at guidance 12.5 amplifies rounding differences
     # between compiled and eager kernels to 0.29 at a few pixels.
-    from igs2gs.unet_package import PackagedUNet
+    from igs2gs.aot_package import Packaged
 
     monkeypatch.setenv("IGS2GS_PACKAGE_DIR", str(tmp_path))
     eager = InstructPix2Pix.from_pretrained(str(tiny_ip2p_dir), device="cuda", dtype=torch.float32)
     compiled = InstructPix2Pix.from_pretrained(str(tiny_ip2p_dir), device="cuda", dtype=torch.float32, compile_unet=True)
     compiled.warm_up(4, 64, 64, PROMPT)
-    assert compiled.fixed_batch == 4 and isinstance(compiled._unet, PackagedUNet)
+    assert compiled.fixed_batch == 4
+    assert all(isinstance(call, Packaged) for call in (compiled._unet_call, compiled._encoder_call, compiled._decoder_call))
     renders, originals = images(3, 64, 64).cuda(), images(3, 64, 64, seed=1).cuda()
     settings = dict(guidance_scale=3.0, diffusion_steps=5)
     expected = eager.edit(renders, originals, PROMPT, generator=generators(3), **settings)

@@ -1,0 +1,201 @@
+"""The editor's networks compiled ahead of time (AOTInductor) for one input shape, kept on disk between runs.
+
+``torch.compile`` traces again in every process (15-31 s for the UNet on an H100 with a warm cache),
+which a 73-view edit never earns back. A package is compiled once per part (UNet, VAE encoder, VAE
+decoder), input shape, model architecture, dtype, GPU type and library versions (minutes), then loads
+in about a second. It holds kernels, not weights: at load its constants are bound to the tensors of
+the model already in memory, so one package serves every checkpoint of an architecture and no second
+copy of the weights is made.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Dict, Optional, Tuple
+
+import torch
+from nerfstudio.utils.rich_utils import CONSOLE
+from torch import Tensor, nn
+
+PACKAGE_FORMAT = 1  # bump when what goes into a package changes
+PACKAGE_OPTIONS = {
+    "aot_inductor.package_constants_in_so": False,  # weights are bound at load
+    "always_keep_tensor_constants": True,  # else inductor inlines small ones (conv_out's 4-channel bias) as literals
+}
+
+
+def package_folder() -> Path:
+    """Where packages are kept: ``$IGS2GS_PACKAGE_DIR``, else ``~/.cache/igs2gs/packages``."""
+    chosen = os.environ.get("IGS2GS_PACKAGE_DIR")
+    if chosen:
+        return Path(chosen)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "igs2gs" / "packages"
+
+
+def _model_facts(model: nn.Module) -> Dict[str, Any]:
+    """What of a diffusers model a package depends on: its class, configuration, dtype and attention, not its weights."""
+    processors = getattr(model, "attn_processors", {})
+    return {
+        "class": type(model).__qualname__,
+        "config": {key: value for key, value in dict(model.config).items() if not key.startswith("_")},
+        "dtype": str(next(model.parameters()).dtype),
+        "attention": sorted({type(processor).__name__ for processor in processors.values()}),
+    }
+
+
+class PackagePart(nn.Module):
+    """One network as the editor calls it, with positional tensors in and one tensor out (what export and a
+    package take); it holds only the modules it runs, so its state dict is exactly the package's constants."""
+
+    part: ClassVar[str]
+    """The package file's prefix, and what the log calls it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.facts = _model_facts(model)
+
+
+class UNetCall(PackagePart):
+    part = "unet"
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__(unet)
+        self.unet = unet
+
+    def forward(self, sample: Tensor, timestep: Tensor, encoder_hidden_states: Tensor) -> Tensor:
+        return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)[0]
+
+
+class VAEEncoderCall(PackagePart):
+    """Images in [-1, 1] to the latent distribution's parameters (``AutoencoderKL.encode`` without tiling)."""
+
+    part = "vae-encoder"
+
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__(vae)
+        self.encoder, self.quant_conv = vae.encoder, vae.quant_conv
+
+    def forward(self, images: Tensor) -> Tensor:
+        moments = self.encoder(images)
+        return moments if self.quant_conv is None else self.quant_conv(moments)
+
+
+class VAEDecoderCall(PackagePart):
+    """Unscaled latents to images in [-1, 1] (``AutoencoderKL.decode`` without tiling)."""
+
+    part = "vae-decoder"
+
+    def __init__(self, vae: nn.Module) -> None:
+        super().__init__(vae)
+        self.post_quant_conv, self.decoder = vae.post_quant_conv, vae.decoder
+
+    def forward(self, latents: Tensor) -> Tensor:
+        return self.decoder(latents if self.post_quant_conv is None else self.post_quant_conv(latents))
+
+
+def package_key(call: PackagePart, inputs: Tuple[Tensor, ...]) -> str:
+    """What a package depends on, hashed: the model's architecture (not its weights), the inputs' shapes and
+    dtypes, the device type and the library versions."""
+    import diffusers
+
+    device = inputs[0].device
+    facts = {
+        "format": PACKAGE_FORMAT,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        **call.facts,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        "capability": torch.cuda.get_device_capability(device) if device.type == "cuda" else None,
+        "inputs": [(tuple(t.shape), str(t.dtype)) for t in inputs],
+    }
+    return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+class Packaged:
+    """Runs a package for inputs of the shape it was compiled for, and the eager part for any other."""
+
+    def __init__(self, call: PackagePart, runner: Callable, shape: torch.Size, constants: Dict[str, Tensor]) -> None:
+        self.call, self.runner, self.shape = call, runner, shape
+        self._constants = constants  # the package reads these tensors directly: they must stay alive
+
+    def __call__(self, *inputs: Tensor) -> Tensor:
+        if inputs[0].shape != self.shape:
+            return self.call(*inputs)
+        return self.runner(*(tensor.contiguous() for tensor in inputs))  # it reads them with contiguous strides
+
+
+def _load(path: Path, device_index: int) -> Callable:
+    """The package's runner, from its own loader. ``torch._inductor.aoti_load_package`` first describes this
+    machine for a mismatch warning, building and running a test program per CPU vector instruction set: 49-56 s
+    of a fresh process on the H100 machine, against under a second for the load itself."""
+    try:
+        from torch._C._aoti import AOTIModelPackageLoader
+        from torch._inductor.package.package import AOTICompiledModel
+
+        return AOTICompiledModel(AOTIModelPackageLoader(str(path), "model", False, 1, device_index))
+    except (ImportError, TypeError):  # another torch's private API: take the public, slower way
+        return torch._inductor.aoti_load_package(str(path), device_index=device_index)
+
+
+def _bind(path: Path, call: PackagePart, inputs: Tuple[Tensor, ...]) -> Packaged:
+    """Load the package at ``path`` (made for inputs like these) and point its constants at ``call``'s tensors."""
+    device = inputs[0].device
+    runner = _load(path, device.index if device.type == "cuda" and device.index is not None else -1)
+    weights = call.state_dict()
+    needed = list(runner.get_constant_fqns())
+    unknown = [name for name in needed if name not in weights]
+    if unknown:  # a constant export could not name: running it unbound would read unset memory
+        raise ValueError(f"the package needs constants the model does not have: {unknown[:3]}")
+    baked = [name for name in weights if name not in needed]
+    if baked:  # compiled in with the values of the model it was made from, not this one's
+        raise ValueError(f"the package has weights built in: {baked[:3]}")
+    constants = {name: weights[name] for name in needed}
+    runner.load_constants(constants, check_full_update=True, user_managed=True)
+    return Packaged(call, runner, inputs[0].shape, constants)
+
+
+def _compile(call: PackagePart, inputs: Tuple[Tensor, ...], path: Path) -> None:
+    """Export ``call`` for these inputs and write its package to ``path`` (atomically: a partial file never
+    has the final name)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:8]}.partial.pt2")
+    try:
+        with torch.no_grad():  # compiled for contiguous inputs: ``Packaged`` hands it those
+            exported = torch.export.export(call, tuple(tensor.contiguous() for tensor in inputs), strict=False)
+        torch._inductor.aoti_compile_and_package(
+            exported, package_path=str(partial), inductor_configs=PACKAGE_OPTIONS
+        )
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def packaged(call: PackagePart, inputs: Tuple[Tensor, ...], folder: Optional[Path] = None) -> Optional[Packaged]:
+    """``call``'s package for these inputs, loaded from ``folder`` (default ``package_folder()``) or compiled
+    into it first. ``None`` (logged) if it can be neither: the editor then runs that part eagerly."""
+    path = (folder or package_folder()) / f"{call.part}-{package_key(call, inputs)}.pt2"
+    started = time.perf_counter()
+    if path.exists():
+        try:
+            loaded = _bind(path, call, inputs)
+            CONSOLE.log(f"Loaded the compiled {call.part} from {path} in {time.perf_counter() - started:.1f} s")
+            return loaded
+        except Exception as error:  # noqa: BLE001 - a damaged or foreign file is replaced, not fatal
+            CONSOLE.log(f"[yellow]igs2gs: the compiled {call.part} in {path} could not be loaded ({error}); compiling it again")
+    CONSOLE.log(
+        f"Compiling the {call.part} for inputs of {tuple(inputs[0].shape)}: once, up to a few minutes (on an H100: "
+        f"the UNet 171 s, the VAE decoder 91 s, its encoder 27 s); kept in {path.parent}"
+    )
+    try:
+        _compile(call, inputs, path)
+        loaded = _bind(path, call, inputs)
+    except Exception as error:  # noqa: BLE001 - no compiler, an unsupported op...: run eagerly instead
+        CONSOLE.log(f"[yellow]igs2gs: compiling or loading the {call.part}'s package failed ({type(error).__name__}: {error}); running it eagerly")
+        return None
+    CONSOLE.log(f"Compiled the {call.part} in {time.perf_counter() - started:.1f} s")
+    return loaded

@@ -1,0 +1,220 @@
+"""The editor's ahead-of-time compiled packages (UNet, VAE encoder, VAE decoder): compiled once, loaded from disk,
+bound to the weights in memory.
+
+One real compilation of each part (CPU, tiny model, ~1-2 min on two cores) serves the module; the other tests load
+them or stand in for the compiler."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import igs2gs.aot_package as aot_package
+from igs2gs.aot_package import Packaged, UNetCall, VAEDecoderCall, VAEEncoderCall, package_folder, package_key, packaged
+from igs2gs.ip2p import InstructPix2Pix
+
+PROMPT = "make it look like bronze"
+BATCH, SIZE = 2, 32
+
+
+def images(count: int, seed: int) -> torch.Tensor:
+    return torch.rand(count, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def edit(editor: InstructPix2Pix) -> torch.Tensor:
+    generators = [torch.Generator().manual_seed(i) for i in range(BATCH)]
+    return editor.edit(images(BATCH, 0), images(BATCH, 1), PROMPT, guidance_scale=3.0, diffusion_steps=3, generator=generators)
+
+
+def compiled_editor(tiny_ip2p_dir: Path) -> InstructPix2Pix:
+    editor = InstructPix2Pix.from_pretrained(str(tiny_ip2p_dir), device="cpu")
+    editor.compiled = True  # from_pretrained compiles on CUDA only; the package logic is the same on the CPU
+    return editor
+
+
+def parts(editor: InstructPix2Pix) -> dict:
+    return {"unet": editor._unet_call, "vae-encoder": editor._encoder_call, "vae-decoder": editor._decoder_call}
+
+
+@pytest.fixture(scope="module")
+def eager(tiny_ip2p_dir) -> InstructPix2Pix:
+    return InstructPix2Pix.from_pretrained(str(tiny_ip2p_dir), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def part_inputs(eager):
+    """Each part's call and first inputs in an edit of BATCH views (three guidance branches each for the UNet)."""
+    seen = {}
+    real = parts(eager)
+
+    def recorder(name):
+        return lambda *inputs: seen.setdefault(name, inputs) and real[name](*inputs)
+
+    eager._unet_call, eager._encoder_call, eager._decoder_call = (recorder(name) for name in real)
+    try:
+        edit(eager)
+    finally:
+        eager._unet_call, eager._encoder_call, eager._decoder_call = real.values()
+    calls = {"unet": UNetCall(eager.unet), "vae-encoder": VAEEncoderCall(eager.vae), "vae-decoder": VAEDecoderCall(eager.vae)}
+    return {name: (calls[name], seen[name]) for name in calls}
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory, tiny_ip2p_dir):
+    """A compiled editor after its first edit: the packages compiled into a fresh folder."""
+    folder = tmp_path_factory.mktemp("packages")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("IGS2GS_PACKAGE_DIR", str(folder))
+        editor = compiled_editor(tiny_ip2p_dir)
+        edited = edit(editor)
+    return folder, editor, edited
+
+
+def test_compiled_editor_edits_through_the_packages_as_the_eager_one(compiled, eager, part_inputs):
+    folder, editor, edited = compiled
+    assert editor.compiled and all(isinstance(call, Packaged) for call in parts(editor).values())
+    expected = sorted(f"{name}-{package_key(call, inputs)}.pt2" for name, (call, inputs) in part_inputs.items())
+    assert sorted(path.name for path in folder.iterdir()) == expected  # no partial file left
+    assert (edited - edit(eager)).abs().max() < 1e-4
+
+
+def test_the_parts_equal_the_diffusers_calls_they_stand_for(part_inputs, eager):
+    with torch.no_grad():
+        call, (sample, timestep, text) = part_inputs["unet"]
+        assert torch.equal(call(sample, timestep, text), eager.unet(sample, timestep, encoder_hidden_states=text).sample)
+        call, (pixels,) = part_inputs["vae-encoder"]
+        assert torch.equal(call(pixels), eager.vae.encode(pixels).latent_dist.parameters)
+        call, (latents,) = part_inputs["vae-decoder"]
+        assert torch.equal(call(latents), eager.vae.decode(latents).sample)
+
+
+def test_other_shapes_run_eagerly(compiled, part_inputs):
+    _, editor, _ = compiled
+    for name, call in parts(editor).items():
+        inputs, calls = part_inputs[name][1], []
+        real_runner = call.runner
+        call.runner = lambda *args: calls.append(args[0].shape[0]) or real_runner(*args)
+        try:
+            smaller = call(*(tensor[:1] for tensor in inputs))
+            call(*inputs)
+        finally:
+            call.runner = real_runner
+        assert calls == [inputs[0].shape[0]], name
+        assert (smaller - part_inputs[name][0](*(tensor[:1] for tensor in inputs))).abs().max() < 1e-5
+
+
+def test_a_later_run_loads_the_package_and_binds_it_to_its_own_weights(compiled, part_inputs, monkeypatch):
+    """The package holds kernels, not weights: another checkpoint of the architecture loads it without compiling."""
+    folder, first, _ = compiled
+    monkeypatch.setattr(aot_package, "_compile", lambda *args: pytest.fail("compiled again"))
+    # torch's public loader first builds and runs CPU test programs (~50 s of a fresh process on the H100 machine)
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", lambda *args, **kwargs: pytest.fail("the slow loader"))
+    for name, make in (("unet", lambda e: UNetCall(copy.deepcopy(e.unet))), ("vae-decoder", lambda e: VAEDecoderCall(copy.deepcopy(e.vae)))):
+        other = make(first)
+        with torch.no_grad():
+            for parameter in other.parameters():
+                parameter.add_(0.05 * torch.randn_like(parameter))
+        inputs = part_inputs[name][1]
+        loaded = packaged(other, inputs, folder=folder)
+        assert loaded is not None
+        with torch.no_grad():
+            output, expected, original = loaded(*inputs), other(*inputs), part_inputs[name][0](*inputs)
+        assert (output - expected).abs().max() < 1e-4, name
+        assert (output - original).abs().max() > 1e-2, name
+
+
+def test_prepared_at_set_up_an_editor_edits_through_the_packages_its_first_edit_would_have_made(compiled, tiny_ip2p_dir, monkeypatch):
+    folder, _, edited = compiled
+    monkeypatch.setenv("IGS2GS_PACKAGE_DIR", str(folder))
+    monkeypatch.setattr(aot_package, "_compile", lambda *args: pytest.fail("prepared a package of another key"))
+    editor = compiled_editor(tiny_ip2p_dir)
+    editor.prepare_compiled(BATCH, SIZE, SIZE, PROMPT)
+    assert editor.fixed_batch == BATCH and all(isinstance(call, Packaged) for call in parts(editor).values())
+    calls = []
+    for name, call in parts(editor).items():
+        call.runner = (lambda runner, name: lambda *args: calls.append(name) or runner(*args))(call.runner, name)
+    assert (edit(editor) - edited).abs().max() < 1e-4  # that first edit encoded its originals eagerly, this one packaged
+    # every diffusion step through the UNet's package; the renders encoded and the edits decoded through the VAE's
+    # (the originals were encoded once for the condition cache)
+    assert sorted(calls) == ["unet"] * 3 + ["vae-decoder", "vae-encoder", "vae-encoder"]
+
+
+def test_a_damaged_package_is_compiled_again(compiled, part_inputs, tmp_path, monkeypatch):
+    folder, _, _ = compiled
+    call, inputs = part_inputs["unet"]
+    good = folder / f"unet-{package_key(call, inputs)}.pt2"
+    damaged = tmp_path / good.name
+    damaged.write_bytes(b"not a package")
+    compiled_paths = []
+
+    def compile_(call, inputs, path):  # stands in for the compiler: puts the good package in place
+        compiled_paths.append(path)
+        shutil.copyfile(good, path)
+
+    monkeypatch.setattr(aot_package, "_compile", compile_)
+    loaded = packaged(call, inputs, folder=tmp_path)
+    assert compiled_paths == [damaged] and loaded is not None
+
+
+def test_without_a_compiler_the_editor_edits_eagerly_and_unpadded(tiny_ip2p_dir, eager, tmp_path, monkeypatch):
+    def no_compiler(exported, package_path, inductor_configs):
+        Path(package_path).write_bytes(b"half a package")
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", no_compiler)
+    monkeypatch.setenv("IGS2GS_PACKAGE_DIR", str(tmp_path))
+    editor = compiled_editor(tiny_ip2p_dir)
+    edited = edit(editor)
+    assert not editor.compiled and editor.fixed_batch is None
+    assert not any(isinstance(call, Packaged) for call in parts(editor).values())
+    assert list(tmp_path.iterdir()) == []  # the partial file is gone and never had the package's name
+    assert (edited - edit(eager)).abs().max() < 1e-4
+
+
+def test_a_vae_part_whose_package_fails_runs_eagerly_beside_the_packaged_unet(compiled, tiny_ip2p_dir, monkeypatch):
+    folder, _, edited = compiled
+    monkeypatch.setenv("IGS2GS_PACKAGE_DIR", str(folder))
+    real = aot_package.packaged
+    monkeypatch.setattr(aot_package, "packaged", lambda call, inputs: None if call.part == "vae-decoder" else real(call, inputs))
+    editor = compiled_editor(tiny_ip2p_dir)
+    assert (edit(editor) - edited).abs().max() < 1e-4
+    assert editor.compiled and editor.fixed_batch == BATCH
+    assert [name for name, call in parts(editor).items() if isinstance(call, Packaged)] == ["unet", "vae-encoder"]
+
+
+def test_compiling_with_cpu_offload_is_refused_before_loading(tmp_path):
+    with pytest.raises(ValueError, match="cannot be combined"):
+        InstructPix2Pix.from_pretrained(str(tmp_path / "never read"), device="cuda", compile_unet=True, cpu_offload=True)
+
+
+def test_package_key_follows_the_inputs_and_architecture_not_the_weights(eager, part_inputs):
+    call, (sample, timestep, text) = part_inputs["unet"]
+    key = package_key(call, (sample, timestep, text))
+    assert package_key(UNetCall(copy.deepcopy(eager.unet).requires_grad_(False)), (sample, timestep, text)) == key
+    assert package_key(call, (sample[:3], timestep[:3], text[:3])) != key
+    assert package_key(UNetCall(copy.deepcopy(eager.unet).double()), (sample.double(), timestep, text.double())) != key
+    decoder, (latents,) = part_inputs["vae-decoder"]
+    assert package_key(decoder, (latents,)) != package_key(VAEDecoderCall(copy.deepcopy(eager.vae).double()), (latents.double(),))
+
+
+def test_packages_live_in_the_user_cache_unless_a_folder_is_named(monkeypatch, tmp_path):
+    monkeypatch.delenv("IGS2GS_PACKAGE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert package_folder() == tmp_path / "cache" / "igs2gs" / "packages"
+    monkeypatch.setenv("IGS2GS_PACKAGE_DIR", str(tmp_path / "mine"))
+    assert package_folder() == tmp_path / "mine"
+
+
+def test_a_package_reads_inputs_of_any_strides(compiled, part_inputs):
+    """The DDIM latents reach the decoder with the UNet's channels-last strides; a package reads its inputs as
+    contiguous, so handing them over as they are decoded garbage (0.91 off in an edit)."""
+    _, editor, _ = compiled
+    call, (latents,) = part_inputs["vae-decoder"]
+    strided = latents.to(memory_format=torch.channels_last)
+    assert not strided.is_contiguous()
+    with torch.no_grad():
+        assert (editor._decoder_call(strided) - call(latents)).abs().max() < 1e-4
