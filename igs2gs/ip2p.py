@@ -192,9 +192,7 @@ class InstructPix2Pix:
         # ``prepare_compiled`` or the first batch) pads smaller batches to it.
         self.compiled = compile_unet
         self._packaged = False  # packaging was tried (it is tried once)
-        self._unet_call: Callable[[Tensor, Tensor, Tensor], Tensor] = self._eager_unet
-        self._encoder_call: Callable[[Tensor], Tensor] = self._eager_encoder
-        self._decoder_call: Callable[[Tensor], Tensor] = self._eager_decoder
+        self._packages: Dict[str, Callable[..., Tensor]] = {}  # part name -> its package; the others run eagerly
         self.cudnn_benchmark = cudnn_benchmark
         """Let cuDNN autotune the editor's convolutions (if the process asks for it); off: its heuristics."""
         self.fixed_batch: Optional[int] = None
@@ -280,14 +278,21 @@ class InstructPix2Pix:
                 self._condition_latents[keys[index]] = latent
         return torch.stack([self._condition_latents[key] for key in keys])
 
-    def _eager_unet(self, sample: Tensor, timestep: Tensor, text: Tensor) -> Tensor:
+    # The three networks, each from its package if it has one (not stored as bound methods: a cycle through the
+    # editor would keep its GPU weights alive after the last reference until the garbage collector runs).
+    def _unet_call(self, sample: Tensor, timestep: Tensor, text: Tensor) -> Tensor:
+        package = self._packages.get("unet")
+        if package is not None:
+            return package(sample, timestep, text)
         return self.unet(sample, timestep, encoder_hidden_states=text, return_dict=False)[0]
 
-    def _eager_encoder(self, images: Tensor) -> Tensor:
-        return self.vae.encode(images).latent_dist.parameters
+    def _encoder_call(self, images: Tensor) -> Tensor:
+        package = self._packages.get("vae-encoder")
+        return package(images) if package is not None else self.vae.encode(images).latent_dist.parameters
 
-    def _eager_decoder(self, latents: Tensor) -> Tensor:
-        return self.vae.decode(latents).sample
+    def _decoder_call(self, latents: Tensor) -> Tensor:
+        package = self._packages.get("vae-decoder")
+        return package(latents) if package is not None else self.vae.decode(latents).sample
 
     def _encode(self, images: Tensor) -> List:
         """VAE posteriors of [0,1] images, ``vae_batch_size`` at a time."""
@@ -428,11 +433,14 @@ class InstructPix2Pix:
         if unet is None:
             self.compiled, self.fixed_batch = False, None
             return
-        self._unet_call = unet
-        encoder = packaged(VAEEncoderCall(self.vae), (zeros(chunk, 3, height, width),))
-        self._encoder_call = encoder or self._encoder_call
-        decoder = packaged(VAEDecoderCall(self.vae), (zeros(chunk, int(self.vae.config.latent_channels), *latent_size),))
-        self._decoder_call = decoder or self._decoder_call
+        self._packages["unet"] = unet
+        for call, inputs in (
+            (VAEEncoderCall(self.vae), (zeros(chunk, 3, height, width),)),
+            (VAEDecoderCall(self.vae), (zeros(chunk, int(self.vae.config.latent_channels), *latent_size),)),
+        ):
+            package = packaged(call, inputs)
+            if package is not None:
+                self._packages[call.part] = package
 
     def _edit_in_batches(self, renders: Tensor, condition: Tensor, starts: List[int], vae_noise: Tensor, noise: Tensor, **shared) -> Tensor:
         """``_edit_batch`` over batches of these rows as large as memory allows (halved on out-of-memory), padded

@@ -7,7 +7,9 @@ them or stand in for the compiler."""
 from __future__ import annotations
 
 import copy
+import gc
 import shutil
+import weakref
 from pathlib import Path
 
 import pytest
@@ -36,8 +38,11 @@ def compiled_editor(tiny_ip2p_dir: Path) -> InstructPix2Pix:
     return editor
 
 
+PARTS = {"unet": "_unet_call", "vae-encoder": "_encoder_call", "vae-decoder": "_decoder_call"}  # part -> editor method
+
+
 def parts(editor: InstructPix2Pix) -> dict:
-    return {"unet": editor._unet_call, "vae-encoder": editor._encoder_call, "vae-decoder": editor._decoder_call}
+    return {name: editor._packages.get(name) for name in PARTS}
 
 
 @pytest.fixture(scope="module")
@@ -49,16 +54,14 @@ def eager(tiny_ip2p_dir) -> InstructPix2Pix:
 def part_inputs(eager):
     """Each part's call and first inputs in an edit of BATCH views (three guidance branches each for the UNet)."""
     seen = {}
-    real = parts(eager)
 
-    def recorder(name):
-        return lambda *inputs: seen.setdefault(name, inputs) and real[name](*inputs)
+    def recorder(name, real):
+        return lambda *inputs: seen.setdefault(name, inputs) and real(*inputs)
 
-    eager._unet_call, eager._encoder_call, eager._decoder_call = (recorder(name) for name in real)
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        for name, method in PARTS.items():
+            patch.setattr(eager, method, recorder(name, getattr(eager, method)))
         edit(eager)
-    finally:
-        eager._unet_call, eager._encoder_call, eager._decoder_call = real.values()
     calls = {"unet": UNetCall(eager.unet), "vae-encoder": VAEEncoderCall(eager.vae), "vae-decoder": VAEDecoderCall(eager.vae)}
     return {name: (calls[name], seen[name]) for name in calls}
 
@@ -184,6 +187,23 @@ def test_a_vae_part_whose_package_fails_runs_eagerly_beside_the_packaged_unet(co
     assert (edit(editor) - edited).abs().max() < 1e-4
     assert editor.compiled and editor.fixed_batch == BATCH
     assert [name for name, call in parts(editor).items() if isinstance(call, Packaged)] == ["unet", "vae-encoder"]
+
+
+def test_a_discarded_compiled_editor_frees_its_model_at_once(compiled, tiny_ip2p_dir, monkeypatch):
+    """No reference cycle through the editor: its GPU weights go with its last reference, not at some later
+    garbage collection (a second editor loaded meanwhile would hold both models: 6.75 vs 4.83 GB measured)."""
+    folder, _, _ = compiled
+    monkeypatch.setenv("IGS2GS_PACKAGE_DIR", str(folder))
+    editor = compiled_editor(tiny_ip2p_dir)
+    edit(editor)
+    assert isinstance(editor._packages["unet"], Packaged)
+    editor_ref, unet_ref = weakref.ref(editor), weakref.ref(editor.unet)
+    gc.disable()
+    try:
+        del editor
+        assert editor_ref() is None and unet_ref() is None
+    finally:
+        gc.enable()
 
 
 def test_compiling_with_cpu_offload_is_refused_before_loading(tmp_path):
