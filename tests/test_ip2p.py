@@ -324,7 +324,7 @@ def test_compiled_editor_pads_to_its_batch_and_edits_as_the_eager_one(tiny_ip2p_
     compiled = InstructPix2Pix.from_pretrained(str(tiny_ip2p_dir), device="cuda", dtype=torch.float32, compile_unet=True)
     compiled.warm_up(4, 64, 64, PROMPT)
     assert compiled.fixed_batch == 4
-    assert all(isinstance(call, Packaged) for call in (compiled._unet_call, compiled._encoder_call, compiled._decoder_call))
+    assert all(isinstance(compiled._packages.get(part), Packaged) for part in ("unet", "vae-encoder", "vae-decoder"))
     renders, originals = images(3, 64, 64).cuda(), images(3, 64, 64, seed=1).cuda()
     settings = dict(guidance_scale=3.0, diffusion_steps=5)
     expected = eager.edit(renders, originals, PROMPT, generator=generators(3), **settings)
