@@ -179,9 +179,13 @@ class IGS2GSPipeline(VanillaPipeline):
 
     def _compile_editors(self) -> None:
         """Load or compile each editor's packages for the sweeps' batch shape now, in this thread: export and
-        compilation are not thread-safe, and overlapped or multi-device sweeps edit in threads."""
-        (height, width), views = Counter(self._view_sizes()).most_common(1)[0]
-        batch = min(self.edit_batch_limit, views)
+        compilation are not thread-safe, and overlapped or multi-device sweeps edit in threads. The shape is the
+        largest batch of the most common view size, so the sweeps' evened batches pad little (73 views by 16:
+        batches of 14-15 padded to 15, 75 rows edited, not 80)."""
+        sizes = self._view_sizes()
+        (height, width), _ = Counter(sizes).most_common(1)[0]
+        groups = _size_groups(range(len(sizes)), sizes, self.edit_batch_limit)
+        batch = max(len(group) for group in groups if tuple(sizes[group[0]]) == (height, width))
         for editor in self.editors:
             if getattr(editor, "compiled", False):
                 CONSOLE.log(f"Preparing the compiled InstructPix2Pix UNet and VAE on {editor.device} for batches of {batch} {width}x{height} views")

@@ -112,7 +112,7 @@ def test_pipeline_sweeps_on_two_cpu_replicas(scene_dir, splatfacto_run, tiny_ip2
 
 def test_compiled_editors_prepare_their_package_at_set_up_in_the_main_thread(scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path, monkeypatch):
     """Export and compilation are not thread-safe: each compiled editor loads or compiles its packages before
-    editor threads start, for the shape the sweeps will use (the batch limit, the views' size); its warm-up then
+    editor threads start, for the shape the sweeps will use (their largest batch, the views' size); its warm-up then
     runs beside set-up as an eager editor's does."""
     prepared, warmed = [], []
     real_load = InstructPix2Pix.from_pretrained
@@ -136,7 +136,8 @@ def test_compiled_editors_prepare_their_package_at_set_up_in_the_main_thread(sce
     trainer = make_trainer(scene_dir, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, "compile-overlap",
                            ip2p_compile=True, overlap_edits=True, ip2p_devices="cpu,cpu", ip2p_max_batch_size=4)
     height, width = trainer.pipeline.datamanager.original_images[0].shape[:2]
-    assert prepared == [("cpu", min(4, TRAIN_VIEWS), height, width, True)] * 2
+    # the sweeps' largest batch: 9 views by at most 4 are edited in three batches of 3, not padded to 4
+    assert TRAIN_VIEWS == 9 and prepared == [("cpu", 3, height, width, True)] * 2
     trainer.pipeline.warm_up.wait()
     assert warmed and all(entry == (2, False) for entry in warmed)  # after both packages, in the warm-up thread
 
