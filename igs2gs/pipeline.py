@@ -614,6 +614,9 @@ def check_edit_settings(config: IGS2GSPipelineConfig, training_device: str) -> N
     for flag, scale in (("guidance-scale", config.guidance_scale), ("image-guidance-scale", config.image_guidance_scale)):
         if not math.isfinite(scale):
             problems.append(f"--pipeline.{flag} {scale}: must be a finite number")
+    if config.ip2p_compile and config.ip2p_cpu_offload and config.editor == "ip2p":
+        problems.append("--pipeline.ip2p-compile with --pipeline.ip2p-cpu-offload: the compiled packages read the weights "
+                        "where they were at load, and offloading moves them (choose one)")
     for device in editor_devices(config, training_device):
         problem = device_problem(device)
         if problem is not None:

@@ -474,6 +474,7 @@ def test_empty_prompt_is_refused_and_the_default_one_warns(scene_dir, splatfacto
         (dict(guidance_scale=float("nan")), "--pipeline.guidance-scale nan"),
         (dict(ip2p_device="cuda:7"), "editor device cuda:7: (no CUDA device|this machine has)"),
         (dict(ip2p_devices="cpu,gpu:x"), "editor device 'gpu:x': not a torch device"),
+        (dict(ip2p_compile=True, ip2p_cpu_offload=True), "--pipeline.ip2p-compile with --pipeline.ip2p-cpu-offload"),
     ],
 )
 def test_bad_edit_settings_are_refused_before_anything_loads(scene_dir, tiny_ip2p_dir, tmp_path, settings, message):
