@@ -191,8 +191,9 @@ class InstructPix2Pix:
         # (``aot_package``), made by ``prepare_compiled`` or else at its first batch: ``fixed_batch`` (set by
         # ``prepare_compiled`` or the first batch) pads smaller batches to it.
         self.compiled = compile_unet
-        self._packaged = False  # packaging was tried (it is tried once)
-        self._packages: Dict[str, Callable[..., Tensor]] = {}  # part name -> its package; the others run eagerly
+        # part name -> its package; the others run eagerly. Packaging is tried once: it either gives the UNet one
+        # or turns ``compiled`` off.
+        self._packages: Dict[str, Callable[..., Tensor]] = {}
         self.cudnn_benchmark = cudnn_benchmark
         """Let cuDNN autotune the editor's convolutions (if the process asks for it); off: its heuristics."""
         self.fixed_batch: Optional[int] = None
@@ -388,7 +389,7 @@ class InstructPix2Pix:
         diffusion_steps: int,
     ) -> Tensor:
         count = renders.shape[0]
-        if self.compiled and not self._packaged:
+        if self.compiled and "unet" not in self._packages:
             self._package(count, renders.shape[2], renders.shape[3], embeddings)
         posteriors = self._encode(renders)
         mean = torch.cat([posterior.mean.float() for posterior in posteriors])
@@ -419,7 +420,6 @@ class InstructPix2Pix:
         package fails runs eagerly."""
         from igs2gs.aot_package import UNetCall, VAEDecoderCall, VAEEncoderCall, packaged
 
-        self._packaged = True
         rows, chunk = 3 * count, min(count, self.vae_batch_size)  # three guidance branches; the VAE's batches
         latent_size = (height // self.vae_scale, width // self.vae_scale)
         zeros = functools.partial(torch.zeros, device=self.device, dtype=self.dtype)
@@ -493,7 +493,7 @@ class InstructPix2Pix:
     def prepare_compiled(self, batch: int, height: int, width: int, prompt: str) -> None:
         """Load the packages for batches of ``batch`` views of this size (compiling them the first time), in the
         calling thread: export and compilation are not thread-safe. Smaller batches are padded to it."""
-        if not self.compiled or self._packaged:
+        if not self.compiled or "unet" in self._packages:
             return
         self.fixed_batch = batch
         self._package(batch, *self._unet_size(height, width), self.encode_prompt(prompt))

@@ -177,15 +177,19 @@ class IGS2GSPipeline(VanillaPipeline):
             compile_unet=self.config.ip2p_compile,
         )
 
+    def _full_sweep_batches(self) -> Tuple[List[Tuple[int, int]], List[List[int]]]:
+        """Every training view's size, and the edit batches a sweep of all views makes (``_size_groups``)."""
+        sizes = self._view_sizes()
+        return sizes, _size_groups(range(len(sizes)), sizes, self.edit_batch_limit)
+
     def _compile_editors(self) -> None:
         """Load or compile each editor's packages for the sweeps' batch shape now, in this thread: export and
         compilation are not thread-safe, and overlapped or multi-device sweeps edit in threads. The shape is the
         largest batch of the most common view size, so the sweeps' evened batches pad little (73 views by 16:
         batches of 14-15 padded to 15, 75 rows edited, not 80)."""
-        sizes = self._view_sizes()
+        sizes, groups = self._full_sweep_batches()
         (height, width), _ = Counter(sizes).most_common(1)[0]
-        groups = _size_groups(range(len(sizes)), sizes, self.edit_batch_limit)
-        batch = max(len(group) for group in groups if tuple(sizes[group[0]]) == (height, width))
+        batch = max(len(group) for group in groups if sizes[group[0]] == (height, width))
         for editor in self.editors:
             if getattr(editor, "compiled", False):
                 CONSOLE.log(f"Preparing the compiled InstructPix2Pix UNet and VAE on {editor.device} for batches of {batch} {width}x{height} views")
@@ -193,8 +197,7 @@ class IGS2GSPipeline(VanillaPipeline):
 
     def _warm_up_in_background(self) -> Optional[WarmUp]:
         """Start warming the CUDA editors up for the first sweep's batch shapes (the trainer sets up meanwhile)."""
-        sizes = self._view_sizes()
-        groups = _size_groups(range(len(sizes)), sizes, self.edit_batch_limit)
+        sizes, groups = self._full_sweep_batches()
         shapes = sorted({(len(group), *sizes[group[0]]) for group in groups})
         editors = [editor for editor in self.editors if self._needs_warm_up(editor, shapes)]
         return WarmUp(editors, shapes, self.prompt) if editors else None
