@@ -15,6 +15,10 @@ benchmark mode kept for the editor), ``bfloat16``, and the UNet and VAE run from
 compiled packages (``compiled``: the first such row compiles them unless ``~/.cache/igs2gs/packages`` has
 them, a second one loads them; ``compiled_vae8`` encodes and decodes 8 at a time). The process turns cuDNN's benchmark mode on,
 as ``ns-train`` does; the editor edits with cuDNN's heuristics unless ``autotuned``.
+
+Peak memory is each editor's own: what an earlier editor left allocated is measured and left out
+(torch 2.11's package loader keeps the weights a ``compiled`` editor bound until the process ends:
+1.94 GB on the H100 after the editor and its packages were gone), and printed when there is any.
 """
 
 from __future__ import annotations
@@ -69,15 +73,17 @@ def timed_edits(editor: InstructPix2Pix, renders: torch.Tensor, originals: torch
     return time.perf_counter() - start
 
 
-def figures(seconds: float, reference_s: float, flops: float, peak_tflops: float) -> Dict[str, float]:
-    """One row of the table: time per edit, speed-up, achieved TFLOP/s and share of peak, peak memory since the last reset."""
+def figures(seconds: float, reference_s: float, flops: float, peak_tflops: float, held_over: int = 0) -> Dict[str, float]:
+    """One row of the table: time per edit, speed-up, achieved TFLOP/s and share of peak, and peak memory since the
+    last reset less ``held_over`` bytes (left allocated by earlier editors)."""
     achieved = flops / seconds / 1e12
     return {
         "s_per_edit": seconds,
         "speedup_vs_reference": reference_s / seconds,
         "tflops": achieved,
         "fraction_of_bf16_peak": achieved / peak_tflops,
-        "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
+        "peak_gb": (torch.cuda.max_memory_allocated() - held_over) / 1e9,
+        "held_over_gb": held_over / 1e9,
     }
 
 
@@ -120,6 +126,8 @@ def main() -> None:
     unknown = set(args.variants.split(",")) - set(VARIANTS)
     if args.compile_batch and unknown:
         parser.error(f"unknown --variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
+    if args.reference_views < 1:
+        parser.error("--reference-views must be at least 1: every speed-up is measured against it")
     if not torch.cuda.is_available():
         sys.exit("bench_ip2p.py needs a CUDA GPU")
     torch.backends.cudnn.benchmark = True  # as in ns-train, whose train.py sets it for every method
@@ -132,6 +140,13 @@ def main() -> None:
     generator = torch.Generator(device="cuda").manual_seed(0)
     renders = torch.rand(args.views, 3, args.size, args.size, device="cuda", generator=generator)
     originals = torch.rand(args.views, 3, args.size, args.size, device="cuda", generator=generator)
+    inputs = torch.cuda.memory_allocated()  # the views above: in every row's peak, as in a sweep's
+
+    def held_over() -> int:
+        """Bytes still allocated from earlier editors (none should be, but see the module's docstring)."""
+        torch.cuda.empty_cache()
+        return max(0, torch.cuda.memory_allocated() - inputs)
+
     device_name = torch.cuda.get_device_name(0)
     results: Dict[str, object] = {"device": device_name, "size": args.size, "diffusion_steps": args.steps, "dtype": args.dtype}
 
@@ -146,11 +161,11 @@ def main() -> None:
     reference_s = timed_edits(reference, renders[:count], originals[:count], args.steps, 1) / count
     results["reference"] = {"s_per_edit": reference_s, "peak_gb": torch.cuda.max_memory_allocated() / 1e9}
     del reference
-    torch.cuda.empty_cache()
 
+    held = held_over()
     torch.cuda.reset_peak_memory_stats()
     ours = InstructPix2Pix.from_pretrained(str(folder), device="cuda", dtype=dtype)
-    weights_gb = torch.cuda.max_memory_allocated() / 1e9
+    weights_gb = (torch.cuda.max_memory_allocated() - held - inputs) / 1e9
     flops = flops_per_edit(ours, args.size, args.steps, 1)
     peak_tflops = bf16_peak(device_name)
     rows: List[Dict[str, float]] = []
@@ -159,7 +174,7 @@ def main() -> None:
         timed_edits(ours, renders[:batch], originals[:batch], args.steps, batch)  # warm-up
         torch.cuda.reset_peak_memory_stats()
         seconds = timed_edits(ours, renders, originals, args.steps, batch) / args.views
-        rows.append({"batch": batch, **figures(seconds, reference_s, flops, peak_tflops)})
+        rows.append({"batch": batch, **figures(seconds, reference_s, flops, peak_tflops, held)})
     results.update({"ours": rows, "weights_gb": weights_gb, "tflop_per_edit": flops / 1e12, "bf16_peak_tflops": peak_tflops})
     results["vae_s_per_edit"] = vae_seconds(ours, renders[: max(1, args.compile_batch)])
 
@@ -167,16 +182,15 @@ def main() -> None:
     if args.compile_batch:
         batch = args.compile_batch
         del ours
-        torch.cuda.empty_cache()
         for name in args.variants.split(","):
+            held = held_over()
             editor = InstructPix2Pix.from_pretrained(str(folder), device="cuda", max_batch_size=batch, **VARIANTS[name](dtype))
             first = timed_edits(editor, renders[:batch], originals[:batch], args.steps, batch)  # compiles, autotunes, if asked
             timed_edits(editor, renders[:batch], originals[:batch], args.steps, batch)
             torch.cuda.reset_peak_memory_stats()
             seconds = timed_edits(editor, renders, originals, args.steps, batch) / args.views
-            variants.append({"variant": name, "batch": batch, "first_call_s": first, **figures(seconds, reference_s, flops, peak_tflops)})
+            variants.append({"variant": name, "batch": batch, "first_call_s": first, **figures(seconds, reference_s, flops, peak_tflops, held)})
             del editor
-            torch.cuda.empty_cache()
     results["variants"] = variants
 
     print(f"{device_name}: {args.size}x{args.size}, {args.steps} DDIM steps, model weights {weights_gb:.2f} GB, {flops / 1e12:.1f} TFLOP per edit")
@@ -193,6 +207,7 @@ def main() -> None:
             f"{row['variant']:>9} batch {row['batch']}: {row['s_per_edit']:.3f} s/edit ({row['speedup_vs_reference']:.1f}x), "
             f"{row['tflops']:.1f} TFLOP/s = {row['fraction_of_bf16_peak']:.1%} of peak, peak {row['peak_gb']:.2f} GB, "
             f"first call {row['first_call_s']:.1f} s"
+            + (f" ({row['held_over_gb']:.2f} GB left allocated by earlier editors, not counted)" if row["held_over_gb"] > 0.01 else "")
         )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

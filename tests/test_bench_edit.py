@@ -1,6 +1,11 @@
-"""The step-time breakdown that bench_edit.py prints (pure arithmetic, checked on made-up clocks)."""
+"""The benchmarks' CPU-checkable parts: bench_edit.py's step-time breakdown (pure arithmetic, checked on made-up
+clocks) and bench_ip2p.py's argument checks."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -20,3 +25,11 @@ def test_step_time_profile_leaves_out_sweep_steps_and_names_the_slow_ones():
     assert profile["excess_s"] == pytest.approx(0.5)
     assert profile["slowest"][0] == {"step": 1050, "ms": 510.0}
     assert all(row["step"] != 1020 for row in profile["slowest"])
+
+
+def test_bench_ip2p_refuses_a_run_without_reference_views_before_anything_loads():
+    """Every speed-up is measured against the reference-style views: none would divide by zero after minutes of work."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_ip2p.py"
+    result = subprocess.run([sys.executable, str(script), "--reference-views", "0"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "--reference-views must be at least 1" in result.stderr

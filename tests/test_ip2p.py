@@ -104,6 +104,21 @@ def test_warm_up_edits_once_with_one_diffusion_step_and_leaves_only_the_prompt_c
     assert ip2p.prompt_encodings == prompts  # the first sweep's instruction is already encoded
 
 
+def test_warm_up_skips_a_shape_it_has_edited_at_the_padded_batch_included(tiny_ip2p_dir, monkeypatch):
+    """A sweep of 73 views by 16 makes batches of 14 and 15; an editor padding to 15 warms up once, not twice."""
+    editor = InstructPix2Pix.from_pretrained(str(tiny_ip2p_dir), device="cpu")
+    batches = []
+    real = editor._edit_batch
+    monkeypatch.setattr(editor, "_edit_batch", lambda renders, *a, **k: batches.append(renders.shape[0]) or real(renders, *a, **k))
+    editor.fixed_batch = 3  # as prepare_compiled sets it
+    assert editor.warm_up(2, 30, 30, PROMPT) > 0 and batches == [3]
+    assert editor.warm_up(3, 32, 32, "a second instruction") == 0.0 and batches == [3]  # 30x30 is edited at 32x32 too
+    assert "a second instruction" in editor._prompt_embeddings  # a skipped warm-up still encodes its instruction
+    assert editor.warm_up(3, 48, 32, PROMPT) > 0 and batches == [3, 3]  # another size is another shape
+    editor.fixed_batch = None
+    assert editor.warm_up(2, 32, 32, PROMPT) > 0 and batches == [3, 3, 2]  # unpadded, 2 views differ from 3
+
+
 def test_vae_chunking_does_not_change_the_edit(ip2p, monkeypatch):
     renders, originals = images(5), images(5, seed=1)
     monkeypatch.setattr(ip2p, "vae_batch_size", 16)
