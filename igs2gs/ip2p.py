@@ -501,6 +501,10 @@ class InstructPix2Pix:
         self.fixed_batch = batch
         self._package(batch, *self._unet_size(height, width), self.encode_prompt(prompt))
 
+    def _warm_shape(self, batch: int, height: int, width: int) -> Tuple[int, int, int]:
+        """The shape a batch of these views runs at: padded to ``fixed_batch`` if set, at the UNet's size."""
+        return (self.fixed_batch or batch, *self._unet_size(height, width))
+
     def warm_up(self, batch: int, height: int, width: int, prompt: str, diffusion_steps: int = 1) -> float:
         """One throw-away edit of ``batch`` random views of this size; returns its seconds.
 
@@ -512,8 +516,7 @@ class InstructPix2Pix:
         has edited at before costs nothing (returns 0.0): a compiled editor pads every batch to its
         ``fixed_batch``, so a sweep's batches of 14 and 15 are one shape to it.
         """
-        shape = (self.fixed_batch or batch, *self._unet_size(height, width))
-        if shape in self._warmed:
+        if self._warm_shape(batch, height, width) in self._warmed:
             self.encode_prompt(prompt)
             return 0.0
         started = time.perf_counter()
@@ -525,7 +528,7 @@ class InstructPix2Pix:
         for key in keys:
             self._condition_latents.pop(key, None)
         self.condition_encodings = encodings
-        self._warmed.add((self.fixed_batch or batch, *self._unet_size(height, width)))  # after a first batch fixed it
+        self._warmed.add(self._warm_shape(batch, height, width))  # after the edit: its first batch may have fixed the batch
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - started

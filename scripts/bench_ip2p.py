@@ -75,7 +75,7 @@ def timed_edits(editor: InstructPix2Pix, renders: torch.Tensor, originals: torch
 
 def figures(seconds: float, reference_s: float, flops: float, peak_tflops: float, held_over: int = 0) -> Dict[str, float]:
     """One row of the table: time per edit, speed-up, achieved TFLOP/s and share of peak, and peak memory since the
-    last reset less ``held_over`` bytes (left allocated by earlier editors)."""
+    last reset less ``held_over`` bytes (allocated before the row's editor loaded, beyond the views)."""
     achieved = flops / seconds / 1e12
     return {
         "s_per_edit": seconds,
@@ -207,7 +207,7 @@ def main() -> None:
             f"{row['variant']:>9} batch {row['batch']}: {row['s_per_edit']:.3f} s/edit ({row['speedup_vs_reference']:.1f}x), "
             f"{row['tflops']:.1f} TFLOP/s = {row['fraction_of_bf16_peak']:.1%} of peak, peak {row['peak_gb']:.2f} GB, "
             f"first call {row['first_call_s']:.1f} s"
-            + (f" ({row['held_over_gb']:.2f} GB left allocated by earlier editors, not counted)" if row["held_over_gb"] > 0.01 else "")
+            + (f" ({row['held_over_gb']:.2f} GB allocated before this editor loaded, beyond the views: not counted)" if row["held_over_gb"] > 0.01 else "")
         )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
