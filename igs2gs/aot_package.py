@@ -189,7 +189,7 @@ def packaged(call: PackagePart, inputs: Tuple[Tensor, ...], folder: Optional[Pat
             CONSOLE.log(f"[yellow]igs2gs: the compiled {call.part} in {path} could not be loaded ({error}); compiling it again")
     CONSOLE.log(
         f"Compiling the {call.part} for inputs of {tuple(inputs[0].shape)}: once, up to a few minutes (on an H100: "
-        f"the UNet 171 s, each VAE half 27-107 s); kept in {path.parent}"
+        f"the UNet 148-196 s, each VAE half 27-107 s); kept in {path.parent}"
     )
     try:
         _compile(call, inputs, path)
