@@ -3,8 +3,8 @@
 Loads a splatfacto checkpoint, runs the default edit (3 sweeps, 7500 steps unless told otherwise)
 in this process and prints: model set-up, per-sweep render / IP2P / store seconds (and the
 slowest and fastest edit batch: the first batch of each shape pays its CUDA/cuDNN set-up), splat
-training seconds and steps/s between sweeps, total wall time and peak GPU memory; JSON with
-``--json``. With the random sd15 editor (``make_random_ip2p.py --shape sd15``) the timings are
+training seconds and steps/s between sweeps (with a profile of the step times and the time Python's
+garbage collector took), total wall time and peak GPU memory; JSON with ``--json``. With the random sd15 editor (``make_random_ip2p.py --shape sd15``) the timings are
 real and the edits are noise; ``--train-on oracle`` times the sd15 editor on every view of every
 sweep but trains on the oracle editor's images, so the splats behave as in a real edit.
 
@@ -19,6 +19,7 @@ training (which favours the reference: its LPIPS runs in float32).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -44,11 +45,16 @@ class ShadowEditor:
         return self.oracle.edit(renders, originals, prompt, **settings)
 
 
+AFTER_SWEEP_STEPS = 300
+
+
 def step_time_profile(ends: List[float], first_step: int, sweep_steps: Sequence[int]) -> Dict[str, object]:
     """Where training time goes, from the wall-clock end of each step (``ends[i]`` ends step ``first_step + i``).
 
     Steps that ran a sweep are left out; ``excess_s`` is what the other steps took beyond the median
-    step (checkpoint saves, the steps after a sweep, graph capture), ``slowest`` names them.
+    step (checkpoint saves, the steps after a sweep, graph capture), ``slowest`` names them, and
+    ``excess_after_sweeps_s`` is the part of it in the ``AFTER_SWEEP_STEPS`` steps after each sweep (while
+    the sweep's edits are written to disk in a thread).
     """
     sweeps = set(sweep_steps)
     durations = [(first_step + i, ends[i] - ends[i - 1]) for i in range(1, len(ends)) if first_step + i not in sweeps]
@@ -61,8 +67,46 @@ def step_time_profile(ends: List[float], first_step: int, sweep_steps: Sequence[
         "median_ms": 1000 * median,
         "p99_ms": 1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
         "excess_s": sum(seconds - median for _, seconds in durations if seconds > median),
+        "excess_after_sweeps_s": sum(
+            seconds - median
+            for step, seconds in durations
+            if seconds > median and any(0 < step - sweep <= AFTER_SWEEP_STEPS for sweep in sweeps)
+        ),
         "slowest": [{"step": step, "ms": round(1000 * seconds, 1)} for step, seconds in slowest],
     }
+
+
+class GcClock:
+    """Time spent in Python's cyclic garbage collector while installed (``gc.callbacks``), by generation.
+
+    A full collection walks every object set-up left (nerfstudio, diffusers, torch: ~665k objects, ~235 ms on a
+    2-core machine): this says whether training steps wait for it.
+    """
+
+    def __init__(self) -> None:
+        self.seconds = [0.0, 0.0, 0.0]
+        self.collections = [0, 0, 0]
+        self.longest_s = 0.0
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: Dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        seconds = time.perf_counter() - self._started
+        self.seconds[info["generation"]] += seconds
+        self.collections[info["generation"]] += 1
+        self.longest_s = max(self.longest_s, seconds)
+
+    def __enter__(self) -> "GcClock":
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        gc.callbacks.remove(self)
+
+    def figures(self) -> Dict[str, object]:
+        return {"seconds": sum(self.seconds), "by_generation_s": self.seconds, "collections": self.collections, "longest_ms": 1000 * self.longest_s}
 
 
 def reference_s_per_view(pipeline, model: str, views: int) -> float:
@@ -137,8 +181,9 @@ def main() -> None:
     )
     torch.cuda.reset_peak_memory_stats()
     train_started = time.perf_counter()
-    trainer.train()
-    torch.cuda.synchronize()
+    with GcClock() as gc_clock:
+        trainer.train()
+        torch.cuda.synchronize()
     train_wall_s = time.perf_counter() - train_started
     total_s = time.perf_counter() - started
     sweeps = trainer.pipeline.sweep_timings
@@ -170,6 +215,7 @@ def main() -> None:
         "editor_warm_up": not args.no_warm_up,
         "sweep_s_means": "time training waited for sweeps (render + swap with --overlap)",
         "step_times": step_time_profile(step_ends, trainer._start_step, [int(s["step"]) for s in sweeps]),
+        "garbage_collection": gc_clock.figures(),  # during training, sweeps included
     }
     if args.reference_views:
         per_view = reference_s_per_view(trainer.pipeline, args.ip2p_model, args.reference_views)

@@ -1,29 +1,32 @@
 """The benchmarks' CPU-checkable parts: bench_edit.py's step-time breakdown (pure arithmetic, checked on made-up
-clocks) and bench_ip2p.py's argument checks."""
+clocks) and garbage-collection clock, and bench_ip2p.py's argument checks."""
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from bench_edit import step_time_profile
+from bench_edit import GcClock, step_time_profile
 
 
 def test_step_time_profile_leaves_out_sweep_steps_and_names_the_slow_ones():
-    durations = [0.010] * 100
+    durations = [0.010] * 500
     durations[20] = 5.0  # a sweep: left out
-    durations[50] = 0.510  # a checkpoint save: 0.5 s beyond the median
+    durations[400] = 0.510  # a checkpoint save, 380 steps after the sweep: 0.5 s beyond the median
+    durations[22] = 0.110  # two steps after the sweep: 0.1 s beyond
     ends, clock = [], 0.0
     for seconds in durations:
         clock += seconds
         ends.append(clock)
     profile = step_time_profile(ends, first_step=1000, sweep_steps=[1020])
     assert profile["median_ms"] == pytest.approx(10.0)
-    assert profile["excess_s"] == pytest.approx(0.5)
-    assert profile["slowest"][0] == {"step": 1050, "ms": 510.0}
+    assert profile["excess_s"] == pytest.approx(0.6)
+    assert profile["excess_after_sweeps_s"] == pytest.approx(0.1)  # within AFTER_SWEEP_STEPS (300) of it
+    assert profile["slowest"][0] == {"step": 1400, "ms": 510.0}
     assert all(row["step"] != 1020 for row in profile["slowest"])
 
 
@@ -33,3 +36,15 @@ def test_bench_ip2p_refuses_a_run_without_reference_views_before_anything_loads(
     result = subprocess.run([sys.executable, str(script), "--reference-views", "0"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert "--reference-views must be at least 1" in result.stderr
+
+
+def test_gc_clock_times_the_collections_made_while_installed_and_only_those():
+    with GcClock() as clock:
+        gc.collect()
+        gc.collect(0)
+    gc.collect()  # after: not counted, and the clock is no longer a callback
+    figures = clock.figures()
+    assert clock not in gc.callbacks
+    assert clock.collections[2] == 1 and clock.collections[0] >= 1
+    assert figures["seconds"] == pytest.approx(sum(clock.seconds)) and clock.seconds[2] > 0
+    assert 0 < figures["longest_ms"] <= 1000 * figures["seconds"]
