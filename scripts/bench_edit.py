@@ -4,9 +4,10 @@ Loads a splatfacto checkpoint, runs the default edit (3 sweeps, 7500 steps unles
 in this process and prints: model set-up, per-sweep render / IP2P / store seconds (and the
 slowest and fastest edit batch: the first batch of each shape pays its CUDA/cuDNN set-up), splat
 training seconds and steps/s between sweeps (with a profile of the step times and the time Python's
-garbage collector took), total wall time and peak GPU memory; JSON with ``--json``. With the random sd15 editor (``make_random_ip2p.py --shape sd15``) the timings are
-real and the edits are noise; ``--train-on oracle`` times the sd15 editor on every view of every
-sweep but trains on the oracle editor's images, so the splats behave as in a real edit.
+garbage collector took), total wall time and peak GPU memory; JSON with ``--json``. With the random
+sd15 editor (``make_random_ip2p.py --shape sd15``) the timings are real and the edits are noise;
+``--train-on oracle`` times the sd15 editor on every view of every sweep but trains on the oracle
+editor's images, so the splats behave as in a real edit.
 
 In the same run, ``--reference-views K`` times K views of a reference-style sweep (one view at a
 time: render, edit at batch 1 with CPU offload, attention slicing and re-encoded conditioning,
