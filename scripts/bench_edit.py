@@ -46,7 +46,7 @@ class ShadowEditor:
         return self.oracle.edit(renders, originals, prompt, **settings)
 
 
-AFTER_SWEEP_STEPS = 300
+AFTER_SWEEP_STEPS = 300  # steps after a sweep whose excess time step_time_profile also reports apart
 
 
 def step_time_profile(ends: List[float], first_step: int, sweep_steps: Sequence[int]) -> Dict[str, object]:
@@ -80,8 +80,9 @@ def step_time_profile(ends: List[float], first_step: int, sweep_steps: Sequence[
 class GcClock:
     """Time spent in Python's cyclic garbage collector while installed (``gc.callbacks``), by generation.
 
-    A full collection walks every object set-up left (nerfstudio, diffusers, torch: ~665k objects, ~235 ms on a
-    2-core machine): this says whether training steps wait for it.
+    A full collection walks every object set-up left (nerfstudio, diffusers, torch: ~700k objects, 235-345 ms on
+    the 2-core CPU machine): this says whether training steps wait for it. (On the CPU, 1,200 steps of a tiny
+    oracle edit ran none: 149 young and 13 middle collections, 55 ms in all.)
     """
 
     def __init__(self) -> None:
