@@ -143,7 +143,11 @@ def _load(path: Path, device_index: int) -> Callable:
 
 
 def _bind(path: Path, call: PackagePart, inputs: Tuple[Tensor, ...]) -> Packaged:
-    """Load the package at ``path`` (made for inputs like these) and point its constants at ``call``'s tensors."""
+    """Load the package at ``path`` (made for inputs like these) and point its constants at ``call``'s tensors.
+
+    On CUDA, torch 2.11's loader keeps the tensors bound here allocated for the rest of the process, even after
+    the runner and the model are gone (H100: 1.94 GB of UNet and VAE weights left by a deleted editor; 0.04 GB
+    after an eager one): bind the weights of an editor that lives as long as the process."""
     device = inputs[0].device
     runner = _load(path, device.index if device.type == "cuda" and device.index is not None else -1)
     weights = call.state_dict()

@@ -229,9 +229,9 @@ class InstructPix2Pix:
         the VAE encodes or decodes at once (its 512² activations, not the UNet's, set the peak);
         ``compile_unet`` runs the UNet and the VAE from ahead-of-time compiled packages for the first batch
         shape it edits (compiled once in minutes, then loaded from disk in seconds: ``aot_package``; CUDA only,
-        not with ``cpu_offload``, which moves the weights those packages read; on CUDA, torch 2.11's package loader
-        keeps the UNet's and VAE's weights allocated after the editor is gone, until the process ends: load one
-        compiled editor per process and keep it);
+        not with ``cpu_offload``, which moves the weights those packages read; on CUDA its UNet and VAE weights stay
+        allocated until the process ends, even after the editor is gone (``aot_package._bind``): load one compiled
+        editor per process and keep it);
         ``cudnn_benchmark`` keeps cuDNN's benchmark mode (if on) for the editor, which otherwise edits
         with cuDNN's heuristics (``cudnn_heuristics``).
         """
@@ -283,7 +283,8 @@ class InstructPix2Pix:
         return torch.stack([self._condition_latents[key] for key in keys])
 
     # The three networks, each from its package if it has one (not stored as bound methods: a cycle through the
-    # editor would keep its GPU weights alive after the last reference until the garbage collector runs).
+    # editor would keep its modules alive after the last reference until the garbage collector runs; what torch's
+    # package loader itself keeps is described at ``aot_package._bind``).
     def _unet_call(self, sample: Tensor, timestep: Tensor, text: Tensor) -> Tensor:
         package = self._packages.get("unet")
         if package is not None:
