@@ -25,7 +25,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -49,16 +49,16 @@ class ShadowEditor:
 AFTER_SWEEP_STEPS = 300  # steps after a sweep whose excess time step_time_profile also reports apart
 
 
-def step_time_profile(ends: List[float], first_step: int, sweep_steps: Sequence[int]) -> Dict[str, object]:
+def step_time_profile(ends: List[float], first_step: int, sweep_steps: Sequence[int], profiled: Sequence[int] = ()) -> Dict[str, object]:
     """Where training time goes, from the wall-clock end of each step (``ends[i]`` ends step ``first_step + i``).
 
-    Steps that ran a sweep are left out; ``excess_s`` is what the other steps took beyond the median
+    Steps that ran a sweep, and those ``StepProfiler`` profiled (``profiled``), are left out; ``excess_s`` is what the other steps took beyond the median
     step (checkpoint saves, the steps after a sweep, graph capture), ``slowest`` names them, and
     ``excess_after_sweeps_s`` is the part of it in the ``AFTER_SWEEP_STEPS`` steps after each sweep (while
     the sweep's edits are written to disk in a thread).
     """
-    sweeps = set(sweep_steps)
-    durations = [(first_step + i, ends[i] - ends[i - 1]) for i in range(1, len(ends)) if first_step + i not in sweeps]
+    sweeps, left_out = set(sweep_steps), set(sweep_steps) | set(profiled)
+    durations = [(first_step + i, ends[i] - ends[i - 1]) for i in range(1, len(ends)) if first_step + i not in left_out]
     if not durations:
         return {}
     ordered = sorted(seconds for _, seconds in durations)
@@ -111,6 +111,79 @@ class GcClock:
         return {"seconds": sum(self.seconds), "by_generation_s": self.seconds, "collections": self.collections, "longest_ms": 1000 * self.longest_s}
 
 
+class StepProfiler:
+    """``torch.profiler`` over ``steps`` training steps from ``first``: is a step waiting on the GPU or on the host?
+
+    Reports wall time per profiled step (the profiler adds host time: compare ``step_times.median_ms``), the
+    time per step at least one kernel or copy ran (``gpu_busy_ms_per_step``; the rest the GPU waited for the
+    host), the kernels and host ops that take longest, and how often per step the host waited for the device.
+    """
+
+    SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "aten::_local_scalar_dense")
+
+    def __init__(self, first: int, steps: int, rows: int = 15) -> None:
+        self.first, self.steps, self.rows = first, steps, rows
+        self.profiler: Optional[torch.profiler.profile] = None
+        self.result: Dict[str, object] = {}
+        self._started = 0.0
+
+    def _synchronize(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def before(self, step: int) -> None:
+        if step != self.first:
+            return
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self._synchronize()
+        self.profiler = torch.profiler.profile(activities=activities)
+        self.profiler.__enter__()
+        self._started = time.perf_counter()
+
+    def after(self, step: int) -> None:
+        if step != self.first + self.steps - 1 or self.profiler is None:
+            return
+        self._synchronize()
+        wall_s = time.perf_counter() - self._started
+        self.profiler.__exit__(None, None, None)
+        self.result = self._figures(self.profiler, wall_s)
+        self.profiler = None
+
+    def _figures(self, profiler: "torch.profiler.profile", wall_s: float) -> Dict[str, object]:
+        per_step = 1e-3 / self.steps  # profiler microseconds -> milliseconds per step
+        device_spans = sorted(
+            (event.time_range.start, event.time_range.end)
+            for event in profiler.events()
+            if event.device_type != torch.autograd.DeviceType.CPU
+        )
+        busy_us, reach = 0.0, float("-inf")
+        for start, end in device_spans:  # the union of the spans: streams may overlap
+            busy_us += max(0.0, end - max(start, reach))
+            reach = max(reach, end)
+        averages = profiler.key_averages()
+
+        def top(key: str) -> List[Dict[str, object]]:
+            ranked = sorted((row for row in averages if getattr(row, key) > 0), key=lambda row: getattr(row, key), reverse=True)
+            return [
+                {"name": row.key[:90], "ms_per_step": round(getattr(row, key) * per_step, 4), "calls_per_step": round(row.count / self.steps, 2)}
+                for row in ranked[: self.rows]
+            ]
+
+        return {
+            "first_step": self.first,
+            "steps": self.steps,
+            "wall_ms_per_step": 1000 * wall_s / self.steps,
+            "gpu_busy_ms_per_step": busy_us * per_step,
+            "kernels": top("self_device_time_total"),
+            "host_ops": top("self_cpu_time_total"),
+            "host_waits_per_step": {
+                row.key: round(row.count / self.steps, 2) for row in averages if row.key in self.SYNCS
+            },
+        }
+
+
 def reference_s_per_view(pipeline, model: str, views: int) -> float:
     """Seconds per view of a reference-style sweep: render, edit alone with offload, swap."""
     from igs2gs.ip2p import InstructPix2Pix
@@ -154,6 +227,8 @@ def main() -> None:
     parser.add_argument("--ip2p-devices", help="--pipeline.ip2p-devices, e.g. cuda:1,cuda:2 (compare sweep_s with a one-device run)")
     parser.add_argument("--reference-views", type=int, default=0, help="views of a reference-style sweep to time")
     parser.add_argument("--no-warm-up", action="store_true", help="no editor warm-up beside set-up (the first sweep pays it)")
+    parser.add_argument("--profile-steps", type=int, default=0, help="profile this many training steps (torch.profiler; 0: none)")
+    parser.add_argument("--profile-from", type=int, default=1000, help="profile from this many steps after the first (away from the sweeps)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.train_on == "oracle" and (args.overlap or args.ip2p_devices):
@@ -181,6 +256,12 @@ def main() -> None:
     trainer.callbacks.append(
         TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], lambda step: step_ends.append(time.perf_counter()), update_every_num_iters=1)
     )
+    profiler = StepProfiler(trainer._start_step + args.profile_from, args.profile_steps) if args.profile_steps > 0 else None
+    if profiler is not None:
+        trainer.callbacks += [
+            TrainingCallback([TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], profiler.before, update_every_num_iters=1),
+            TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], profiler.after, update_every_num_iters=1),
+        ]
     torch.cuda.reset_peak_memory_stats()
     train_started = time.perf_counter()
     with GcClock() as gc_clock:
@@ -216,9 +297,14 @@ def main() -> None:
         "ip2p_devices": args.ip2p_devices,
         "editor_warm_up": not args.no_warm_up,
         "sweep_s_means": "time training waited for sweeps (render + swap with --overlap)",
-        "step_times": step_time_profile(step_ends, trainer._start_step, [int(s["step"]) for s in sweeps]),
+        "step_times": step_time_profile(
+            step_ends, trainer._start_step, [int(s["step"]) for s in sweeps],
+            profiled=range(profiler.first, profiler.first + profiler.steps + 1) if profiler is not None else (),
+        ),
         "garbage_collection": gc_clock.figures(),  # during training, sweeps included
     }
+    if profiler is not None:
+        result["step_profile"] = profiler.result
     if args.reference_views:
         per_view = reference_s_per_view(trainer.pipeline, args.ip2p_model, args.reference_views)
         sweeps_run = len(sweeps)

@@ -1,5 +1,5 @@
 """The benchmarks' CPU-checkable parts: bench_edit.py's step-time breakdown (pure arithmetic, checked on made-up
-clocks) and garbage-collection clock, and bench_ip2p.py's argument checks."""
+clocks), garbage-collection clock and step profiler, and bench_ip2p.py's argument checks."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from bench_edit import GcClock, step_time_profile
+import torch
+
+from bench_edit import GcClock, StepProfiler, step_time_profile
 
 
 def test_step_time_profile_leaves_out_sweep_steps_and_names_the_slow_ones():
@@ -48,3 +50,30 @@ def test_gc_clock_times_the_collections_made_while_installed_and_only_those():
     assert clock.collections[2] == 1 and clock.collections[0] >= 1
     assert figures["seconds"] == pytest.approx(sum(clock.seconds)) and clock.seconds[2] > 0
     assert 0 < figures["longest_ms"] <= 1000 * figures["seconds"]
+
+
+def test_step_time_profile_leaves_out_profiled_steps():
+    durations = [0.010] * 100
+    durations[50] = 0.3  # the profiler starting
+    ends = [0.0]
+    for seconds in durations[1:]:
+        ends.append(ends[-1] + seconds)
+    assert step_time_profile(ends, first_step=0, sweep_steps=[])["excess_s"] == pytest.approx(0.29)
+    assert step_time_profile(ends, first_step=0, sweep_steps=[], profiled=range(50, 60))["excess_s"] == pytest.approx(0.0)
+
+
+def test_step_profiler_profiles_only_its_steps_and_counts_host_waits():
+    profiler = StepProfiler(first=3, steps=4, rows=5)
+    weights = torch.randn(64, 64)
+    for step in range(10):
+        profiler.before(step)
+        loss = (weights @ weights).sum()
+        loss.item()  # the host waits for the value: one wait per step
+        profiler.after(step)
+    figures = profiler.result
+    assert figures["first_step"] == 3 and figures["steps"] == 4 and figures["wall_ms_per_step"] > 0
+    assert figures["host_waits_per_step"]["aten::_local_scalar_dense"] == 1.0
+    matmul = next(row for row in figures["host_ops"] if row["name"] == "aten::mm")
+    assert matmul["calls_per_step"] == 1.0 and matmul["ms_per_step"] > 0
+    assert len(figures["host_ops"]) <= 5
+    assert figures["kernels"] == [] and figures["gpu_busy_ms_per_step"] == 0.0  # no device here
