@@ -20,8 +20,10 @@ training (which favours the reference: its LPIPS runs in float32).
 from __future__ import annotations
 
 import argparse
+import cProfile
 import gc
 import json
+import pstats
 import sys
 import time
 from pathlib import Path
@@ -111,77 +113,133 @@ class GcClock:
         return {"seconds": sum(self.seconds), "by_generation_s": self.seconds, "collections": self.collections, "longest_ms": 1000 * self.longest_s}
 
 
-class StepProfiler:
-    """``torch.profiler`` over ``steps`` training steps from ``first``: is a step waiting on the GPU or on the host?
-
-    Reports wall time per profiled step (the profiler adds host time: compare ``step_times.median_ms``), the
-    time per step at least one kernel or copy ran (``gpu_busy_ms_per_step``; the rest the GPU waited for the
-    host), the kernels and host ops that take longest, and how often per step the host waited for the device.
-    """
-
-    SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "aten::_local_scalar_dense")
+class StepWindow:
+    """Calls ``start()`` before step ``first`` and ``stop(wall_s)`` after step ``first + steps - 1`` (device synchronised
+    at both ends); install ``before``/``after`` as training callbacks. ``result`` holds what ``stop`` found."""
 
     def __init__(self, first: int, steps: int, rows: int = 15) -> None:
         self.first, self.steps, self.rows = first, steps, rows
-        self.profiler: Optional[torch.profiler.profile] = None
         self.result: Dict[str, object] = {}
-        self._started = 0.0
+        self._started: Optional[float] = None
 
-    def _synchronize(self) -> None:
+    @property
+    def steps_covered(self) -> range:
+        """The profiled steps and the one after (it pays for the profiler's stop): step-time figures leave them out."""
+        return range(self.first, self.first + self.steps + 1)
+
+    @staticmethod
+    def _synchronize() -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
 
     def before(self, step: int) -> None:
-        if step != self.first:
-            return
+        if step == self.first:
+            self._synchronize()
+            self.start()
+            self._started = time.perf_counter()
+
+    def after(self, step: int) -> None:
+        if step == self.first + self.steps - 1 and self._started is not None:
+            self._synchronize()
+            wall_s = time.perf_counter() - self._started
+            self.result = {"first_step": self.first, "steps": self.steps, "wall_ms_per_step": 1000 * wall_s / self.steps, **self.stop()}
+            self._started = None
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> Dict[str, object]:
+        raise NotImplementedError
+
+
+class StepProfiler(StepWindow):
+    """``torch.profiler`` over training steps: does a step wait for the GPU, or the GPU for the host?
+
+    Reports wall time per profiled step (the profiler adds host time: compare ``step_times.median_ms``), the
+    time per step at least one kernel or copy ran (``gpu_busy_ms_per_step``; the rest the GPU waited for the
+    host), the longest kernels and host ops, how often per step the host waited for the device and from where.
+    """
+
+    SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "aten::_local_scalar_dense")
+
+    def start(self) -> None:
         activities = [torch.profiler.ProfilerActivity.CPU]
         if torch.cuda.is_available():
             activities.append(torch.profiler.ProfilerActivity.CUDA)
-        self._synchronize()
-        self.profiler = torch.profiler.profile(activities=activities)
+        self.profiler = torch.profiler.profile(activities=activities, with_stack=True)
         self.profiler.__enter__()
-        self._started = time.perf_counter()
 
-    def after(self, step: int) -> None:
-        if step != self.first + self.steps - 1 or self.profiler is None:
-            return
-        self._synchronize()
-        wall_s = time.perf_counter() - self._started
+    def stop(self) -> Dict[str, object]:
         self.profiler.__exit__(None, None, None)
-        self.result = self._figures(self.profiler, wall_s)
-        self.profiler = None
-
-    def _figures(self, profiler: "torch.profiler.profile", wall_s: float) -> Dict[str, object]:
+        events = self.profiler.events()
         per_step = 1e-3 / self.steps  # profiler microseconds -> milliseconds per step
-        device_spans = sorted(
-            (event.time_range.start, event.time_range.end)
-            for event in profiler.events()
-            if event.device_type != torch.autograd.DeviceType.CPU
-        )
+        on_device = [event for event in events if event.device_type != torch.autograd.DeviceType.CPU]
         busy_us, reach = 0.0, float("-inf")
-        for start, end in device_spans:  # the union of the spans: streams may overlap
-            busy_us += max(0.0, end - max(start, reach))
+        for start, end in sorted((event.time_range.start, event.time_range.end) for event in on_device):
+            busy_us += max(0.0, end - max(start, reach))  # the union of the spans: streams may overlap
             reach = max(reach, end)
-        averages = profiler.key_averages()
+        kernels: Dict[str, List[float]] = {}
+        for event in on_device:
+            kernels.setdefault(event.name[:90], []).append(event.time_range.elapsed_us())
+        waits: Dict[str, int] = {}
+        for event in events:
+            if event.name in self.SYNCS:
+                frames = [frame for frame in self._callers(event) if "torch/" not in frame and "built-in" not in frame][:3]
+                site = f"{event.name} <- " + " <- ".join(frames)
+                waits[site] = waits.get(site, 0) + 1
+        host = sorted((row for row in self.profiler.key_averages() if row.self_cpu_time_total > 0), key=lambda row: row.self_cpu_time_total, reverse=True)
+        return {
+            "gpu_busy_ms_per_step": busy_us * per_step,
+            "kernels": [
+                {"name": name, "ms_per_step": round(sum(spans) * per_step, 4), "calls_per_step": round(len(spans) / self.steps, 2)}
+                for name, spans in sorted(kernels.items(), key=lambda item: sum(item[1]), reverse=True)[: self.rows]
+            ],
+            "host_ops": [
+                {"name": row.key[:90], "ms_per_step": round(row.self_cpu_time_total * per_step, 4), "calls_per_step": round(row.count / self.steps, 2)}
+                for row in host[: self.rows]
+            ],
+            "host_waits_per_step": {site: round(count / self.steps, 2) for site, count in sorted(waits.items(), key=lambda item: -item[1])},
+        }
 
-        def top(key: str) -> List[Dict[str, object]]:
-            ranked = sorted((row for row in averages if getattr(row, key) > 0), key=lambda row: getattr(row, key), reverse=True)
+
+    @staticmethod
+    def _callers(event) -> List[str]:
+        """Python frames around an op, innermost first: its recorded stack, or (where the profiler records Python
+        calls as events of their own) the chain of its parents."""
+        if event.stack:
+            return list(event.stack)
+        frames, parent = [], event.cpu_parent
+        while parent is not None:
+            frames.append(parent.name)
+            parent = parent.cpu_parent
+        return frames
+
+
+class PythonStepProfiler(StepWindow):
+    """``cProfile`` over training steps: which Python functions the host spends a step in (syncs included: a
+    function that waits for the device holds the time), per step, by own time and by cumulative time."""
+
+    def start(self) -> None:
+        self.profiler = cProfile.Profile()
+        self.profiler.enable()
+
+    def stop(self) -> Dict[str, object]:
+        self.profiler.disable()
+        stats = pstats.Stats(self.profiler).stats  # (file, line, name) -> (calls, primitive calls, own s, cumulative s, callers)
+
+        def top(column: int) -> List[Dict[str, object]]:
+            ranked = sorted(stats.items(), key=lambda item: item[1][column], reverse=True)[: self.rows]
             return [
-                {"name": row.key[:90], "ms_per_step": round(getattr(row, key) * per_step, 4), "calls_per_step": round(row.count / self.steps, 2)}
-                for row in ranked[: self.rows]
+                {
+                    "function": f"{Path(file).name}:{line}({name})",
+                    "own_ms_per_step": round(1000 * own / self.steps, 4),
+                    "cumulative_ms_per_step": round(1000 * cumulative / self.steps, 4),
+                    "calls_per_step": round(calls / self.steps, 2),
+                }
+                for (file, line, name), (_, calls, own, cumulative, _) in ranked
             ]
 
-        return {
-            "first_step": self.first,
-            "steps": self.steps,
-            "wall_ms_per_step": 1000 * wall_s / self.steps,
-            "gpu_busy_ms_per_step": busy_us * per_step,
-            "kernels": top("self_device_time_total"),
-            "host_ops": top("self_cpu_time_total"),
-            "host_waits_per_step": {
-                row.key: round(row.count / self.steps, 2) for row in averages if row.key in self.SYNCS
-            },
-        }
+        return {"by_own_time": top(2), "by_cumulative_time": top(3)}
 
 
 def reference_s_per_view(pipeline, model: str, views: int) -> float:
@@ -228,7 +286,7 @@ def main() -> None:
     parser.add_argument("--reference-views", type=int, default=0, help="views of a reference-style sweep to time")
     parser.add_argument("--no-warm-up", action="store_true", help="no editor warm-up beside set-up (the first sweep pays it)")
     parser.add_argument("--profile-steps", type=int, default=0, help="profile this many training steps (torch.profiler; 0: none)")
-    parser.add_argument("--profile-from", type=int, default=1000, help="profile from this many steps after the first (away from the sweeps)")
+    parser.add_argument("--profile-from", type=int, default=1000, help="profile from this many steps after the first (away from the sweeps); cProfile then runs as many steps from 100 steps after")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.train_on == "oracle" and (args.overlap or args.ip2p_devices):
@@ -256,11 +314,15 @@ def main() -> None:
     trainer.callbacks.append(
         TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], lambda step: step_ends.append(time.perf_counter()), update_every_num_iters=1)
     )
-    profiler = StepProfiler(trainer._start_step + args.profile_from, args.profile_steps) if args.profile_steps > 0 else None
-    if profiler is not None:
+    profilers: Dict[str, StepWindow] = {}
+    if args.profile_steps > 0:
+        first = trainer._start_step + args.profile_from
+        profilers["step_profile"] = StepProfiler(first, args.profile_steps)
+        profilers["python_step_profile"] = PythonStepProfiler(first + args.profile_steps + 100, args.profile_steps)
+    for window in profilers.values():
         trainer.callbacks += [
-            TrainingCallback([TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], profiler.before, update_every_num_iters=1),
-            TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], profiler.after, update_every_num_iters=1),
+            TrainingCallback([TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], window.before, update_every_num_iters=1),
+            TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], window.after, update_every_num_iters=1),
         ]
     torch.cuda.reset_peak_memory_stats()
     train_started = time.perf_counter()
@@ -299,12 +361,11 @@ def main() -> None:
         "sweep_s_means": "time training waited for sweeps (render + swap with --overlap)",
         "step_times": step_time_profile(
             step_ends, trainer._start_step, [int(s["step"]) for s in sweeps],
-            profiled=range(profiler.first, profiler.first + profiler.steps + 1) if profiler is not None else (),
+            profiled=[step for window in profilers.values() for step in window.steps_covered],
         ),
         "garbage_collection": gc_clock.figures(),  # during training, sweeps included
     }
-    if profiler is not None:
-        result["step_profile"] = profiler.result
+    result.update({name: window.result for name, window in profilers.items()})
     if args.reference_views:
         per_view = reference_s_per_view(trainer.pipeline, args.ip2p_model, args.reference_views)
         sweeps_run = len(sweeps)

@@ -6,13 +6,14 @@ from __future__ import annotations
 import gc
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 import torch
 
-from bench_edit import GcClock, StepProfiler, step_time_profile
+from bench_edit import GcClock, PythonStepProfiler, StepProfiler, step_time_profile
 
 
 def test_step_time_profile_leaves_out_sweep_steps_and_names_the_slow_ones():
@@ -72,8 +73,25 @@ def test_step_profiler_profiles_only_its_steps_and_counts_host_waits():
         profiler.after(step)
     figures = profiler.result
     assert figures["first_step"] == 3 and figures["steps"] == 4 and figures["wall_ms_per_step"] > 0
-    assert figures["host_waits_per_step"]["aten::_local_scalar_dense"] == 1.0
+    assert list(profiler.steps_covered) == [3, 4, 5, 6, 7]
+    (site, per_step), = figures["host_waits_per_step"].items()
+    assert per_step == 1.0 and site.startswith("aten::_local_scalar_dense <- ") and "test_bench_edit.py" in site  # the caller
     matmul = next(row for row in figures["host_ops"] if row["name"] == "aten::mm")
     assert matmul["calls_per_step"] == 1.0 and matmul["ms_per_step"] > 0
     assert len(figures["host_ops"]) <= 5
     assert figures["kernels"] == [] and figures["gpu_busy_ms_per_step"] == 0.0  # no device here
+
+
+def test_python_step_profiler_reports_the_functions_of_its_steps_per_step():
+    def slow_part():
+        time.sleep(0.01)
+
+    profiler = PythonStepProfiler(first=2, steps=3)
+    for step in range(8):
+        profiler.before(step)
+        slow_part()
+        profiler.after(step)
+    figures = profiler.result
+    assert figures["steps"] == 3 and figures["wall_ms_per_step"] >= 10
+    row = next(row for row in figures["by_cumulative_time"] if "(slow_part)" in row["function"])
+    assert row["calls_per_step"] == 1.0 and 10 <= row["cumulative_ms_per_step"] < figures["wall_ms_per_step"] + 1
