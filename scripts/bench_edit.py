@@ -284,6 +284,7 @@ def main() -> None:
     parser.add_argument("--overlap", action="store_true", help="--pipeline.overlap-edits: edits run while training goes on")
     parser.add_argument("--ip2p-devices", help="--pipeline.ip2p-devices, e.g. cuda:1,cuda:2 (compare sweep_s with a one-device run)")
     parser.add_argument("--reference-views", type=int, default=0, help="views of a reference-style sweep to time")
+    parser.add_argument("--gsplat-sh", action="store_true", help="SH colours evaluated inside gsplat's rasterization (its torch.inverse waits for the GPU every step)")
     parser.add_argument("--no-warm-up", action="store_true", help="no editor warm-up beside set-up (the first sweep pays it)")
     parser.add_argument("--profile-steps", type=int, default=0, help="profile this many training steps (torch.profiler; 0: none)")
     parser.add_argument("--profile-from", type=int, default=1000, help="profile from this many steps after the first (away from the sweeps); cProfile then runs as many steps from 100 steps after")
@@ -304,16 +305,26 @@ def main() -> None:
         prompt=args.prompt, gs_steps=args.gs_steps, ip2p_model=args.ip2p_model, ip2p_compile=args.compile,
         overlap_edits=args.overlap, ip2p_devices=args.ip2p_devices,
     )
+    if args.gsplat_sh:
+        from gsplat.rendering import rasterization
+        from nerfstudio.models import splatfacto
+
+        splatfacto.rasterization = rasterization
     if args.train_on == "oracle":
         from igs2gs.oracle import OracleEditor, OracleEditorConfig
 
         trainer.pipeline.editor = ShadowEditor(trainer.pipeline.editor, OracleEditor(OracleEditorConfig(transform="invert"), "cuda"))
     setup_s = time.perf_counter() - started
     gaussians_at_load = trainer.pipeline.model.num_points
+    step_starts: List[float] = []  # only the first is kept
     step_ends: List[float] = []
-    trainer.callbacks.append(
-        TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], lambda step: step_ends.append(time.perf_counter()), update_every_num_iters=1)
-    )
+    trainer.callbacks += [
+        TrainingCallback(
+            [TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], lambda step: step_starts.append(time.perf_counter()) if not step_starts else None,
+            update_every_num_iters=1,
+        ),
+        TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], lambda step: step_ends.append(time.perf_counter()), update_every_num_iters=1),
+    ]
     profilers: Dict[str, StepWindow] = {}
     if args.profile_steps > 0:
         first = trainer._start_step + args.profile_from
@@ -329,7 +340,8 @@ def main() -> None:
     with GcClock() as gc_clock:
         trainer.train()
         torch.cuda.synchronize()
-    train_wall_s = time.perf_counter() - train_started
+    train_ended = time.perf_counter()
+    train_wall_s = train_ended - train_started
     total_s = time.perf_counter() - started
     sweeps = trainer.pipeline.sweep_timings
     if args.overlap:  # a sweep's wall span includes training; only rendering and swapping block it
@@ -348,6 +360,11 @@ def main() -> None:
         "sweep_s": sweep_s,
         "ip2p_s_per_edit": sum(s["edit_s"] for s in sweeps) / max(1.0, sum(s["views"] for s in sweeps)),
         "splat_training_s": splat_s,
+        "splat_training_split_s": {  # splat_training_s = before_first_step + steps + after_last_step
+            "before_first_step": step_starts[0] - train_started,  # the viewer's scene, the dataparser transform
+            "steps": step_ends[-1] - step_starts[0] - sweep_s,
+            "after_last_step": train_ended - step_ends[-1],  # the final checkpoint, edits still being written
+        },
         "steps": steps_done,
         "steps_per_s_between_sweeps": steps_done / splat_s,
         "total_s": total_s,
@@ -358,6 +375,7 @@ def main() -> None:
         "lpips": ("float32" if args.lpips_fp32 else "bf16") + (" eager" if args.lpips_eager else " CUDA graph"),
         "ip2p_devices": args.ip2p_devices,
         "editor_warm_up": not args.no_warm_up,
+        "sh_colours": "in gsplat" if args.gsplat_sh else "before gsplat",
         "sweep_s_means": "time training waited for sweeps (render + swap with --overlap)",
         "step_times": step_time_profile(
             step_ends, trainer._start_step, [int(s["step"]) for s in sweeps],
