@@ -167,10 +167,11 @@ def test_rasterize_sh_outside_renders_and_trains_as_gsplat_with_one_wait_less():
         results.append((image.detach(), waits, {name: leaf.grad for name, leaf in leaves.items()}))
     (reference, reference_waits, reference_grads), (ours, our_waits, our_grads) = results
     assert alpha.max() > 0.5 and reference.abs().sum() > 0  # the Gaussians are in view
-    assert torch.allclose(ours, reference, atol=1e-5)
+    assert torch.allclose(ours, reference, atol=1e-5), (ours - reference).abs().max()
     for name in inputs:
-        assert torch.allclose(our_grads[name], reference_grads[name], atol=1e-4, rtol=1e-3), name
-    assert our_waits == reference_waits - 1
+        difference = (our_grads[name] - reference_grads[name]).abs().max()
+        assert torch.allclose(our_grads[name], reference_grads[name], atol=1e-4, rtol=1e-3), (name, difference, reference_grads[name].abs().max())
+    assert our_waits == reference_waits - 1, (our_waits, reference_waits)
 
 
 @pytest.mark.parametrize("densify", [False, True])
