@@ -95,33 +95,8 @@ def view_matrix(camera_to_world: Tensor) -> Tensor:
     return viewmat
 
 
-def rasterize_sh_outside(*, means: Tensor, colors: Tensor, viewmats: Tensor, sh_degree: Optional[int] = None, packed: bool = False, **options):
-    """gsplat's ``rasterization``, with the view-dependent colours evaluated before the call instead of inside it.
-
-    Inside, gsplat finds the camera centres for the SH view directions with ``torch.inverse(viewmats)``, whose
-    CUDA error check copies a flag to the host: every training step waited there for the GPU to drain (one of
-    the two waits per step profiled on stone_horse; gsplat's tile count is the other). A view matrix is rigid,
-    so its centre is -R^T t, read without a wait. The colours are gsplat's: the same ``spherical_harmonics``
-    and clamp, here also for the Gaussians outside the image, which no pixel uses and which get no gradient.
-    """
-    from gsplat.rendering import rasterization
-
-    if sh_degree is None or packed or colors.dim() != 3:
-        return rasterization(means=means, colors=colors, viewmats=viewmats, sh_degree=sh_degree, packed=packed, **options)
-    if means.is_cuda:
-        from gsplat.cuda._wrapper import spherical_harmonics
-    else:
-        from gsplat.cuda._torch_impl import _spherical_harmonics as spherical_harmonics
-    rotation, translation = viewmats[:, :3, :3], viewmats[:, :3, 3:]
-    centres = -(rotation.transpose(1, 2) @ translation).squeeze(-1)  # [C, 3]
-    coefficients = colors.expand(viewmats.shape[0], -1, -1, -1)  # [C, N, K, 3]
-    colours = spherical_harmonics(sh_degree, means[None] - centres[:, None], coefficients)  # [C, N, 3]
-    colours = torch.clamp_min(colours + 0.5, 0.0)
-    return rasterization(means=means, colors=colours, viewmats=viewmats, sh_degree=None, packed=packed, **options)
-
-
-def use_sync_free_rendering() -> None:
-    """Make splatfacto render with :func:`view_matrix` and :func:`rasterize_sh_outside`, in this process.
+def use_view_matrix() -> None:
+    """Make splatfacto compute its view matrices with :func:`view_matrix`, in this process.
 
     nerfstudio's ``get_viewmat`` is wrapped in ``torch.compile``, so the first render of every
     process traced and compiled it (1.3 s of the first sweep on an H100, and it starts inductor's
@@ -130,7 +105,6 @@ def use_sync_free_rendering() -> None:
     from nerfstudio.models import splatfacto
 
     splatfacto.get_viewmat = view_matrix
-    splatfacto.rasterization = rasterize_sh_outside
 
 
 class BatchPSNR(nn.Module):
@@ -192,7 +166,7 @@ class IGS2GSModel(SplatfactoModel):
             features = RGB2SH(colours) if self.config.sh_degree > 0 else torch.logit(colours, eps=1e-10)
             self.gauss_params["features_dc"].data.copy_(features)
         self.psnr = BatchPSNR()
-        use_sync_free_rendering()
+        use_view_matrix()
         self.refine_origin: Optional[int] = 0  # step splatfacto's densification schedule counts from; None: no densification
         self._graphed_lpips: Optional[GraphedLoss] = None  # built on the first CUDA training step
 

@@ -284,7 +284,6 @@ def main() -> None:
     parser.add_argument("--overlap", action="store_true", help="--pipeline.overlap-edits: edits run while training goes on")
     parser.add_argument("--ip2p-devices", help="--pipeline.ip2p-devices, e.g. cuda:1,cuda:2 (compare sweep_s with a one-device run)")
     parser.add_argument("--reference-views", type=int, default=0, help="views of a reference-style sweep to time")
-    parser.add_argument("--gsplat-sh", action="store_true", help="SH colours evaluated inside gsplat's rasterization (its torch.inverse waits for the GPU every step)")
     parser.add_argument("--no-warm-up", action="store_true", help="no editor warm-up beside set-up (the first sweep pays it)")
     parser.add_argument("--profile-steps", type=int, default=0, help="profile this many training steps (torch.profiler; 0: none)")
     parser.add_argument("--profile-from", type=int, default=1000, help="profile from this many steps after the first (away from the sweeps); cProfile then runs as many steps from 100 steps after")
@@ -305,11 +304,6 @@ def main() -> None:
         prompt=args.prompt, gs_steps=args.gs_steps, ip2p_model=args.ip2p_model, ip2p_compile=args.compile,
         overlap_edits=args.overlap, ip2p_devices=args.ip2p_devices,
     )
-    if args.gsplat_sh:
-        from gsplat.rendering import rasterization
-        from nerfstudio.models import splatfacto
-
-        splatfacto.rasterization = rasterization
     if args.train_on == "oracle":
         from igs2gs.oracle import OracleEditor, OracleEditorConfig
 
@@ -375,7 +369,6 @@ def main() -> None:
         "lpips": ("float32" if args.lpips_fp32 else "bf16") + (" eager" if args.lpips_eager else " CUDA graph"),
         "ip2p_devices": args.ip2p_devices,
         "editor_warm_up": not args.no_warm_up,
-        "sh_colours": "in gsplat" if args.gsplat_sh else "before gsplat",
         "sweep_s_means": "time training waited for sweeps (render + swap with --overlap)",
         "step_times": step_time_profile(
             step_ends, trainer._start_step, [int(s["step"]) for s in sweeps],

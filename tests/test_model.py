@@ -74,12 +74,11 @@ def test_splatfacto_computes_its_view_matrices_with_igs2gs_view_matrix_once_the_
     from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
     from nerfstudio.models import splatfacto
 
-    from igs2gs.model import IGS2GSModelConfig, rasterize_sh_outside, view_matrix
+    from igs2gs.model import IGS2GSModelConfig, view_matrix
 
     outputs = NerfstudioDataParserConfig(data=scene_dir).setup().get_dataparser_outputs("train")
     IGS2GSModelConfig(lpips_pretrained_backbone=False).setup(scene_box=outputs.scene_box, num_train_data=len(outputs.image_filenames))
     assert splatfacto.get_viewmat is view_matrix  # no torch.compile at the first render, no constant copied per call
-    assert splatfacto.rasterization is rasterize_sh_outside  # no wait for torch.inverse's error check per render
     camera_to_world = outputs.cameras.camera_to_worlds[:2].clone().requires_grad_(True)
     viewmat = splatfacto.get_viewmat(camera_to_world)
     flipped = camera_to_world * torch.tensor([1.0, -1.0, -1.0, 1.0])  # gsplat looks down +z with y down
@@ -91,87 +90,6 @@ def test_splatfacto_computes_its_view_matrices_with_igs2gs_view_matrix_once_the_
     (gradient,) = torch.autograd.grad(viewmat.sum(), camera_to_world)  # pose corrections train through it
     (expected_gradient,) = torch.autograd.grad(expected.sum(), camera_to_world)
     assert torch.allclose(gradient, expected_gradient, atol=1e-4)
-
-
-def random_view_matrix(seed: int) -> torch.Tensor:
-    from igs2gs.model import view_matrix
-
-    generator = torch.Generator().manual_seed(seed)
-    rotation, _ = torch.linalg.qr(torch.randn(3, 3, generator=generator))
-    camera_to_world = torch.cat([rotation, torch.randn(3, 1, generator=generator)], dim=1)[None]
-    return view_matrix(camera_to_world)
-
-
-def test_rasterize_sh_outside_hands_gsplat_the_colours_gsplat_would_evaluate(monkeypatch):
-    """The SH colours gsplat evaluates inside ``rasterization`` (centre from ``torch.inverse``), evaluated before it."""
-    import gsplat.rendering
-    from gsplat.cuda._torch_impl import _spherical_harmonics
-
-    from igs2gs.model import rasterize_sh_outside
-
-    calls = []
-    monkeypatch.setattr(gsplat.rendering, "rasterization", lambda **kwargs: calls.append(kwargs) or "rendered")
-    viewmats = random_view_matrix(seed=3)
-    means, coefficients = torch.randn(50, 3), torch.randn(50, 16, 3)
-    options = dict(quats=torch.randn(50, 4), width=8, height=6, absgrad=True)
-    assert rasterize_sh_outside(means=means, colors=coefficients, viewmats=viewmats, sh_degree=2, **options) == "rendered"
-    centre = torch.inverse(viewmats)[0, :3, 3]
-    expected = torch.clamp_min(_spherical_harmonics(2, means - centre, coefficients) + 0.5, 0.0)
-    (call,) = calls
-    assert call["sh_degree"] is None and call["colors"].shape == (1, 50, 3)
-    assert torch.allclose(call["colors"][0], expected, atol=1e-5)
-    assert call["means"] is means and call["viewmats"] is viewmats and call["absgrad"] and call["width"] == 8
-    # Already colours (sh_degree None): passed through untouched.
-    rgb = torch.rand(50, 3)
-    rasterize_sh_outside(means=means, colors=rgb, viewmats=viewmats, sh_degree=None, **options)
-    assert calls[1]["colors"] is rgb and calls[1]["sh_degree"] is None
-
-
-@pytest.mark.gpu
-def test_rasterize_sh_outside_renders_and_trains_as_gsplat_with_one_wait_less():
-    from gsplat.rendering import rasterization
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    from igs2gs.model import rasterize_sh_outside
-
-    class CountWaits(TorchDispatchMode):
-        waits = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.aten._local_scalar_dense.default and args[0].is_cuda:
-                CountWaits.waits += 1
-            return func(*args, **(kwargs or {}))
-
-    generator = torch.Generator().manual_seed(0)
-    n = 2000
-    viewmats = random_view_matrix(seed=1).cuda()
-    centre = torch.inverse(viewmats)[0, :3, 3].cpu()
-    forward = viewmats[0, 2, :3].cpu()  # gsplat's camera looks down its +z, the world direction in R's third row
-    means = centre + 3 * forward + 0.8 * torch.randn(n, 3, generator=generator)
-    inputs = {
-        "means": means,
-        "quats": torch.randn(n, 4, generator=generator),
-        "scales": torch.rand(n, 3, generator=generator) * 0.05 + 0.01,
-        "opacities": torch.rand(n, generator=generator),
-        "colors": torch.randn(n, 16, 3, generator=generator) * 0.3,
-    }
-    K = torch.tensor([[[60.0, 0.0, 32.0], [0.0, 60.0, 24.0], [0.0, 0.0, 1.0]]])
-    results = []
-    for render in (rasterization, rasterize_sh_outside):
-        leaves = {name: value.cuda().requires_grad_(True) for name, value in inputs.items()}
-        CountWaits.waits = 0
-        with CountWaits():
-            image, alpha, _ = render(**leaves, viewmats=viewmats, Ks=K.cuda(), width=64, height=48, sh_degree=3, packed=False)
-        waits = CountWaits.waits
-        (image * torch.linspace(0, 1, 3, device="cuda")).sum().backward()
-        results.append((image.detach(), waits, {name: leaf.grad for name, leaf in leaves.items()}))
-    (reference, reference_waits, reference_grads), (ours, our_waits, our_grads) = results
-    assert alpha.max() > 0.5 and reference.abs().sum() > 0  # the Gaussians are in view
-    assert torch.allclose(ours, reference, atol=1e-5), (ours - reference).abs().max()
-    for name in inputs:
-        difference = (our_grads[name] - reference_grads[name]).abs().max()
-        assert torch.allclose(our_grads[name], reference_grads[name], atol=1e-4, rtol=1e-3), (name, difference, reference_grads[name].abs().max())
-    assert our_waits == reference_waits - 1, (our_waits, reference_waits)
 
 
 @pytest.mark.parametrize("densify", [False, True])
