@@ -215,6 +215,25 @@ class StepProfiler(StepWindow):
         return frames
 
 
+def python_profile_figures(profiler: cProfile.Profile, per: int, rows: int) -> Dict[str, object]:
+    """The functions a cProfile run spent most time in, by own and by cumulative time, divided by ``per``."""
+    stats = pstats.Stats(profiler).stats  # (file, line, name) -> (calls, primitive calls, own s, cumulative s, callers)
+
+    def top(column: int) -> List[Dict[str, object]]:
+        ranked = sorted(stats.items(), key=lambda item: item[1][column], reverse=True)[:rows]
+        return [
+            {
+                "function": f"{Path(file).name}:{line}({name})",
+                "own_ms": round(1000 * own / per, 4),
+                "cumulative_ms": round(1000 * cumulative / per, 4),
+                "calls": round(calls / per, 2),
+            }
+            for (file, line, name), (_, calls, own, cumulative, _) in ranked
+        ]
+
+    return {"by_own_time": top(2), "by_cumulative_time": top(3)}
+
+
 class PythonStepProfiler(StepWindow):
     """``cProfile`` over training steps: which Python functions the host spends a step in (syncs included: a
     function that waits for the device holds the time), per step, by own time and by cumulative time."""
@@ -225,21 +244,7 @@ class PythonStepProfiler(StepWindow):
 
     def stop(self) -> Dict[str, object]:
         self.profiler.disable()
-        stats = pstats.Stats(self.profiler).stats  # (file, line, name) -> (calls, primitive calls, own s, cumulative s, callers)
-
-        def top(column: int) -> List[Dict[str, object]]:
-            ranked = sorted(stats.items(), key=lambda item: item[1][column], reverse=True)[: self.rows]
-            return [
-                {
-                    "function": f"{Path(file).name}:{line}({name})",
-                    "own_ms_per_step": round(1000 * own / self.steps, 4),
-                    "cumulative_ms_per_step": round(1000 * cumulative / self.steps, 4),
-                    "calls_per_step": round(calls / self.steps, 2),
-                }
-                for (file, line, name), (_, calls, own, cumulative, _) in ranked
-            ]
-
-        return {"by_own_time": top(2), "by_cumulative_time": top(3)}
+        return {"per": "step", **python_profile_figures(self.profiler, self.steps, self.rows)}
 
 
 def reference_s_per_view(pipeline, model: str, views: int) -> float:
@@ -287,6 +292,7 @@ def main() -> None:
     parser.add_argument("--no-warm-up", action="store_true", help="no editor warm-up beside set-up (the first sweep pays it)")
     parser.add_argument("--profile-steps", type=int, default=0, help="profile this many training steps (torch.profiler; 0: none)")
     parser.add_argument("--profile-from", type=int, default=1000, help="profile from this many steps after the first (away from the sweeps); cProfile then runs as many steps from 100 steps after")
+    parser.add_argument("--profile-setup", action="store_true", help="cProfile the set-up (main thread; it takes longer profiled): JSON setup_profile")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.train_on == "oracle" and (args.overlap or args.ip2p_devices):
@@ -297,7 +303,10 @@ def main() -> None:
         from igs2gs.pipeline import IGS2GSPipeline
 
         IGS2GSPipeline._needs_warm_up = staticmethod(lambda editor, shapes: False)  # type: ignore[method-assign]
+    setup_profiler = cProfile.Profile() if args.profile_setup else None
     started = time.perf_counter()
+    if setup_profiler is not None:
+        setup_profiler.enable()
     trainer = edit_trainer(
         args.data, args.load_dir, args.output_dir, steps=args.steps, vis=args.vis,
         model=dict(lpips_loss_mult=args.lpips_loss_mult, lpips_bf16=not args.lpips_fp32, lpips_cuda_graph=not args.lpips_eager),
@@ -308,6 +317,8 @@ def main() -> None:
         from igs2gs.oracle import OracleEditor, OracleEditorConfig
 
         trainer.pipeline.editor = ShadowEditor(trainer.pipeline.editor, OracleEditor(OracleEditorConfig(transform="invert"), "cuda"))
+    if setup_profiler is not None:
+        setup_profiler.disable()
     setup_s = time.perf_counter() - started
     gaussians_at_load = trainer.pipeline.model.num_points
     step_starts: List[float] = []  # only the first is kept
@@ -377,6 +388,8 @@ def main() -> None:
         "garbage_collection": gc_clock.figures(),  # during training, sweeps included
     }
     result.update({name: window.result for name, window in profilers.items()})
+    if setup_profiler is not None:
+        result["setup_profile"] = {"per": "run", **python_profile_figures(setup_profiler, 1, rows=40)}
     if args.reference_views:
         per_view = reference_s_per_view(trainer.pipeline, args.ip2p_model, args.reference_views)
         sweeps_run = len(sweeps)

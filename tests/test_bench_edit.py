@@ -94,4 +94,5 @@ def test_python_step_profiler_reports_the_functions_of_its_steps_per_step():
     figures = profiler.result
     assert figures["steps"] == 3 and figures["wall_ms_per_step"] >= 10
     row = next(row for row in figures["by_cumulative_time"] if "(slow_part)" in row["function"])
-    assert row["calls_per_step"] == 1.0 and 10 <= row["cumulative_ms_per_step"] < figures["wall_ms_per_step"] + 1
+    assert figures["per"] == "step"
+    assert row["calls"] == 1.0 and 10 <= row["cumulative_ms"] < figures["wall_ms_per_step"] + 1
