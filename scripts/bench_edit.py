@@ -291,10 +291,16 @@ def main() -> None:
     parser.add_argument("--reference-views", type=int, default=0, help="views of a reference-style sweep to time")
     parser.add_argument("--no-warm-up", action="store_true", help="no editor warm-up beside set-up (the first sweep pays it)")
     parser.add_argument("--profile-steps", type=int, default=0, help="profile this many training steps (torch.profiler; 0: none)")
-    parser.add_argument("--profile-from", type=int, default=1000, help="profile from this many steps after the first (away from the sweeps); cProfile then runs as many steps from 100 steps after")
+    parser.add_argument(
+        "--profile-from", type=int,
+        help="cProfile from this many steps after the first, torch.profiler 100 steps after it (default: as the last steps). "
+        "Profiling slows the steps after it: with windows at 300 steps, a 2500-step run's median step was 7.24 vs 5.63 ms unprofiled",
+    )
     parser.add_argument("--profile-setup", action="store_true", help="cProfile the set-up (main thread; it takes longer profiled): JSON setup_profile")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if args.profile_steps > 0 and args.profile_from is None and 2 * args.profile_steps + 101 > args.steps:
+        parser.error(f"--profile-steps {args.profile_steps} needs at least {2 * args.profile_steps + 101} --steps (two windows 100 steps apart)")
     if args.train_on == "oracle" and (args.overlap or args.ip2p_devices):
         parser.error("--train-on oracle swaps the single editor; it does not combine with --overlap or --ip2p-devices")
 
@@ -332,9 +338,10 @@ def main() -> None:
     ]
     profilers: Dict[str, StepWindow] = {}
     if args.profile_steps > 0:
-        first = trainer._start_step + args.profile_from
-        profilers["step_profile"] = StepProfiler(first, args.profile_steps)
-        profilers["python_step_profile"] = PythonStepProfiler(first + args.profile_steps + 100, args.profile_steps)
+        windows = 2 * args.profile_steps + 100
+        first = trainer._start_step + (args.profile_from if args.profile_from is not None else args.steps - windows - 1)
+        profilers["python_step_profile"] = PythonStepProfiler(first, args.profile_steps)
+        profilers["step_profile"] = StepProfiler(first + args.profile_steps + 100, args.profile_steps)
     for window in profilers.values():
         trainer.callbacks += [
             TrainingCallback([TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], window.before, update_every_num_iters=1),

@@ -96,3 +96,11 @@ def test_python_step_profiler_reports_the_functions_of_its_steps_per_step():
     row = next(row for row in figures["by_cumulative_time"] if "(slow_part)" in row["function"])
     assert figures["per"] == "step"
     assert row["calls"] == 1.0 and 10 <= row["cumulative_ms"] < figures["wall_ms_per_step"] + 1
+
+
+def test_bench_edit_refuses_profile_windows_longer_than_the_run_before_anything_loads():
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_edit.py"
+    args = [sys.executable, str(script), "--data", "d", "--load-dir", "l", "--ip2p-model", "m", "--steps", "200", "--profile-steps", "60"]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "--profile-steps 60 needs at least 221 --steps" in result.stderr
