@@ -294,6 +294,10 @@ class IGS2GSTrainer(Trainer):
             CONSOLE.print("Following the loaded scene: " + "; ".join(changes) + ".")
             # ns-export, ns-render and a resume rebuild the model from the run's config.yml.
             write_atomically(self.config.get_base_dir() / "config.yml", yaml.dump(self.config).encode("utf8"))
+        if self.config.is_viewer_enabled():
+            from igs2gs.viewer_controls import index_viser_icons
+
+            index_viser_icons()  # before nerfstudio's viewer builds its GUI
         super().setup(test_mode)
         # nerfstudio's console counts "% Done" and the ETA up to max_num_iterations as an absolute step;
         # an edit starts at the loaded step (e.g. 30000), so count up to the step the edit ends at.

@@ -177,3 +177,33 @@ def test_viewer_panel_steers_the_edit_in_a_real_browser(scene_dir, splatfacto_ru
     finally:
         process.kill()
         process.wait(timeout=30)
+
+
+def test_viser_icons_come_from_an_index_read_once_and_are_viser_s_own(monkeypatch):
+    import tarfile
+
+    import viser._gui_api
+    import viser._gui_handles
+    import viser._icons
+    from viser import Icon
+
+    import igs2gs.viewer_controls as controls
+
+    original = viser._icons.svg_from_icon
+    for module in (viser._icons, viser._gui_api, viser._gui_handles):
+        monkeypatch.setattr(module, "svg_from_icon", module.svg_from_icon)  # restored after the test
+    controls._icon_offsets.cache_clear()
+    opened = []
+    real_open = tarfile.open
+    monkeypatch.setattr(controls.tarfile, "open", lambda *args, **kwargs: opened.append(args) or real_open(*args, **kwargs))
+
+    assert controls.index_viser_icons()
+    assert viser._gui_api.svg_from_icon is viser._gui_handles.svg_from_icon is controls.indexed_svg_from_icon
+    icons = (Icon.PLAYER_PAUSE, Icon.X, "123", Icon.ZZZ)  # "123": the tarball's first member
+    indexed = [viser._gui_api.svg_from_icon(icon) for icon in icons]
+    assert len(opened) == 1  # one pass over the headers for all icons
+    assert all(svg.startswith("<svg") for svg in indexed)
+    assert indexed == [original(icon) for icon in icons]  # (viser's own opens the tarball every time)
+    for lookup in (original, controls.indexed_svg_from_icon):  # an icon the tarball lacks: a KeyError either way
+        with pytest.raises(KeyError):
+            lookup(Icon.AB)
