@@ -556,6 +556,11 @@ class IGS2GSPipeline(VanillaPipeline):
             else:
                 self.pending_writes.append(write)
 
+    def store_after(self, write: Future) -> None:
+        """Write the edits and progress queued from now on only once ``write`` has finished (the persist thread
+        waits for it, training does not); a failure of ``write`` is raised as a failed edit write."""
+        self.pending_writes.append(self._persist_thread().submit(write.result))
+
     def _persist_thread(self) -> ThreadPoolExecutor:
         """The one thread that writes edits and progress, in order (edits of a batch before the state that counts them)."""
         if self._persist is None:

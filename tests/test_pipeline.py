@@ -191,6 +191,29 @@ def test_optimizers_act_on_the_loaded_gaussians(scene_dir, splatfacto_run, tiny_
     assert writer.GLOBAL_BUFFER["max_iter"] == trainer.pipeline.edit_end_step == trainer._start_step - 1 + 7500  # the default length
 
 
+def test_set_up_does_not_wait_for_the_first_checkpoint_and_no_edit_is_stored_before_it(
+    scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path, monkeypatch
+):
+    """The loaded scene is written into the new run beside set-up and the first sweep; edits reach the disk after it."""
+    import threading
+
+    from igs2gs.trainer import IGS2GSTrainer
+
+    release, real_write = threading.Event(), IGS2GSTrainer._write_checkpoint
+    monkeypatch.setattr(IGS2GSTrainer, "_write_checkpoint", lambda self, *args: release.wait(60) and real_write(self, *args))
+    trainer = make_trainer(scene_dir, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, "early-checkpoint")
+    pipeline, start = trainer.pipeline, trainer._start_step
+    store = EditStore(trainer.base_dir / "igs2gs")
+    checkpoint = trainer.checkpoint_dir / f"step-{start - 1:09d}.ckpt"
+    assert trainer._pending_checkpoint is not None and not trainer._pending_checkpoint.done()  # set-up did not wait
+    step_pipeline(trainer, start, wait_for_writes=False)  # the first sweep: all views edited and swapped in
+    assert pipeline.sweep_state.sweeps_completed == 1
+    assert not checkpoint.exists() and store.load_edits() == {}  # their writes wait for the checkpoint
+    release.set()
+    pipeline.raise_failed_writes(wait=True)
+    assert checkpoint.exists() and len(store.load_edits()) == TRAIN_VIEWS and store.load_state().sweeps_completed == 1
+
+
 def test_a_failed_edit_write_stops_training_at_a_later_step(scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path, monkeypatch):
     """Edits are written in the background; a write that fails (full disk) must not go unnoticed."""
     trainer = make_trainer(scene_dir, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, "disk-full")
