@@ -358,7 +358,7 @@ class IGS2GSTrainer(Trainer):
         if not resuming:  # makes the run resumable from its first sweep on (also after a kill -9 in it)
             self.save_checkpoint(loaded_step)
             # Written beside the rest of set-up and the first sweep (waiting for it took 5.7 s of a profiled set-up, H100);
-            # no edit or sweep progress reaches the disk before it, so a resume always finds the scene they belong to.
+            # no edit, nor the progress that counts it, reaches the disk before it: a resume finds the scene edits belong to.
             assert self._pending_checkpoint is not None
             self.pipeline.store_after(self._pending_checkpoint)
         CONSOLE.print(

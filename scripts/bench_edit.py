@@ -54,8 +54,8 @@ AFTER_SWEEP_STEPS = 300  # steps after a sweep whose excess time step_time_profi
 def step_time_profile(ends: List[float], first_step: int, sweep_steps: Sequence[int], profiled: Sequence[int] = ()) -> Dict[str, object]:
     """Where training time goes, from the wall-clock end of each step (``ends[i]`` ends step ``first_step + i``).
 
-    Steps that ran a sweep, and those ``StepProfiler`` profiled (``profiled``), are left out; ``excess_s`` is what the other steps took beyond the median
-    step (checkpoint saves, the steps after a sweep, graph capture), ``slowest`` names them, and
+    Steps that ran a sweep and the ``profiled`` ones are left out; ``excess_s`` is what the other steps took beyond
+    the median step (checkpoint saves, the steps after a sweep, graph capture), ``slowest`` names them, and
     ``excess_after_sweeps_s`` is the part of it in the ``AFTER_SWEEP_STEPS`` steps after each sweep (while
     the sweep's edits are written to disk in a thread).
     """
@@ -114,8 +114,9 @@ class GcClock:
 
 
 class StepWindow:
-    """Calls ``start()`` before step ``first`` and ``stop(wall_s)`` after step ``first + steps - 1`` (device synchronised
-    at both ends); install ``before``/``after`` as training callbacks. ``result`` holds what ``stop`` found."""
+    """Calls ``start()`` before step ``first`` and ``stop()`` after step ``first + steps - 1`` (the device synchronised
+    at both ends); install ``before``/``after`` as training callbacks. ``result``: ``stop()``'s figures and the wall
+    time per step."""
 
     def __init__(self, first: int, steps: int, rows: int = 15) -> None:
         self.first, self.steps, self.rows = first, steps, rows
@@ -200,7 +201,6 @@ class StepProfiler(StepWindow):
             ],
             "host_waits_per_step": {site: round(count / self.steps, 2) for site, count in sorted(waits.items(), key=lambda item: -item[1])},
         }
-
 
     @staticmethod
     def _callers(event) -> List[str]:
@@ -290,7 +290,7 @@ def main() -> None:
     parser.add_argument("--ip2p-devices", help="--pipeline.ip2p-devices, e.g. cuda:1,cuda:2 (compare sweep_s with a one-device run)")
     parser.add_argument("--reference-views", type=int, default=0, help="views of a reference-style sweep to time")
     parser.add_argument("--no-warm-up", action="store_true", help="no editor warm-up beside set-up (the first sweep pays it)")
-    parser.add_argument("--profile-steps", type=int, default=0, help="profile this many training steps (torch.profiler; 0: none)")
+    parser.add_argument("--profile-steps", type=int, default=0, help="profile this many training steps with cProfile, then as many with torch.profiler (0: none)")
     parser.add_argument(
         "--profile-from", type=int,
         help="cProfile from this many steps after the first, torch.profiler 100 steps after it (default: as the last steps). "
