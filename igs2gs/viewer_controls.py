@@ -37,11 +37,15 @@ def _icon_offsets(tarball: Path) -> Dict[str, Tuple[int, int]]:
         return {member.name: (member.offset_data, member.size) for member in tar if member.isfile()}
 
 
-def indexed_svg_from_icon(icon_name: str) -> str:
-    """viser's ``svg_from_icon``, reading the icon's bytes at their offset in the tarball."""
+def _icon_tarball() -> Path:
     import viser._icons
 
-    tarball = Path(viser._icons.ICONS_DIR) / "tabler-icons.tar"
+    return Path(viser._icons.ICONS_DIR) / "tabler-icons.tar"
+
+
+def indexed_svg_from_icon(icon_name: str) -> str:
+    """viser's ``svg_from_icon``, reading the icon's bytes at their offset in the tarball."""
+    tarball = _icon_tarball()
     offset, size = _icon_offsets(tarball)[f"{icon_name}.svg"]
     with open(tarball, "rb") as file:
         file.seek(offset)
@@ -60,7 +64,7 @@ def index_viser_icons() -> bool:
 
     try:
         modules = [importlib.import_module(name) for name in VISER_ICON_USERS]
-        tarball = Path(modules[0].ICONS_DIR) / "tabler-icons.tar"
+        tarball = _icon_tarball()
     except (ImportError, AttributeError):
         return False
     if not tarball.is_file() or not all(hasattr(module, "svg_from_icon") for module in modules):

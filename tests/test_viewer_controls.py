@@ -207,3 +207,25 @@ def test_viser_icons_come_from_an_index_read_once_and_are_viser_s_own(monkeypatc
     for lookup in (original, controls.indexed_svg_from_icon):  # an icon the tarball lacks: a KeyError either way
         with pytest.raises(KeyError):
             lookup(Icon.AB)
+
+
+def test_an_edit_with_the_viewer_sets_up_with_the_icon_index(scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path, monkeypatch):
+    import viser._gui_api
+    import viser._gui_handles
+    import viser._icons
+
+    from igs2gs.viewer_controls import indexed_svg_from_icon
+    from nerfstudio.configs.base_config import ViewerConfig
+
+    for module in (viser._icons, viser._gui_api, viser._gui_handles):
+        monkeypatch.setattr(module, "svg_from_icon", module.svg_from_icon)  # restored after the test
+    viewer = ViewerConfig(websocket_port=free_port(), quit_on_train_completion=True)
+    trainer = make_trainer(
+        scene_dir, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, "with-viewer", trainer=dict(vis="viewer", viewer=viewer)
+    )
+    try:
+        assert viser._gui_api.svg_from_icon is indexed_svg_from_icon  # installed before the viewer drew its GUI
+        assert trainer.viewer_state is not None
+    finally:
+        trainer.viewer_state.viser_server.stop()
+        trainer.wait_for_checkpoint()
