@@ -179,9 +179,12 @@ def _compile(call: PackagePart, inputs: Tuple[Tensor, ...], path: Path) -> None:
         partial.unlink(missing_ok=True)
 
 
-def packaged(call: PackagePart, inputs: Tuple[Tensor, ...], folder: Optional[Path] = None) -> Optional[Packaged]:
-    """``call``'s package for these inputs, loaded from ``folder`` (default ``package_folder()``) or compiled
-    into it first. ``None`` (logged) if it can be neither: the editor then runs that part eagerly."""
+def packaged(
+    call: PackagePart, inputs: Tuple[Tensor, ...], folder: Optional[Path] = None, compile_missing: bool = True
+) -> Optional[Packaged]:
+    """``call``'s package for these inputs, loaded from ``folder`` (default ``package_folder()``) or, with
+    ``compile_missing``, compiled into it first. ``None`` (logged) if it can be neither: the editor then runs that
+    part eagerly."""
     path = (folder or package_folder()) / f"{call.part}-{package_key(call, inputs)}.pt2"
     started = time.perf_counter()
     if path.exists():
@@ -190,7 +193,12 @@ def packaged(call: PackagePart, inputs: Tuple[Tensor, ...], folder: Optional[Pat
             CONSOLE.log(f"Loaded the compiled {call.part} from {path} in {time.perf_counter() - started:.1f} s")
             return loaded
         except Exception as error:  # noqa: BLE001 - a damaged or foreign file is replaced, not fatal
-            CONSOLE.log(f"[yellow]igs2gs: the compiled {call.part} in {path} could not be loaded ({error}); compiling it again")
+            again = "compiling it again" if compile_missing else "running it eagerly"
+            CONSOLE.log(f"[yellow]igs2gs: the compiled {call.part} in {path} could not be loaded ({error}); {again}")
+    if not compile_missing:
+        if not path.exists():
+            CONSOLE.log(f"No compiled {call.part} for inputs of {tuple(inputs[0].shape)} in {path.parent}: running it eagerly")
+        return None
     CONSOLE.log(
         f"Compiling the {call.part} for inputs of {tuple(inputs[0].shape)}: once, up to a few minutes (on an H100: "
         f"the UNet 148-196 s, each VAE half 27-107 s); kept in {path.parent}"

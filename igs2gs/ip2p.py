@@ -174,6 +174,7 @@ class InstructPix2Pix:
         vae_batch_size: int = 4,
         compile_unet: bool = False,
         cudnn_benchmark: bool = False,
+        compile_missing: bool = True,
     ) -> None:
         from diffusers import DDIMScheduler
 
@@ -191,6 +192,8 @@ class InstructPix2Pix:
         # (``aot_package``), made by ``prepare_compiled`` or else at its first batch: ``fixed_batch`` (set by
         # ``prepare_compiled`` or the first batch) pads smaller batches to it.
         self.compiled = compile_unet
+        self.compile_missing = compile_missing
+        """Compile the packages not yet on disk (minutes); off: use those an earlier run compiled, else edit eagerly."""
         # part name -> its package; the others run eagerly. Packaging is tried once: it either gives the UNet one
         # or turns ``compiled`` off.
         self._packages: Dict[str, Callable[..., Tensor]] = {}
@@ -220,6 +223,7 @@ class InstructPix2Pix:
         vae_batch_size: int = 4,
         compile_unet: bool = False,
         cudnn_benchmark: bool = False,
+        cached_packages: bool = False,
     ) -> "InstructPix2Pix":
         """Load ``model`` (hub id or local folder) onto ``device``.
 
@@ -232,6 +236,8 @@ class InstructPix2Pix:
         not with ``cpu_offload``, which moves the weights those packages read; on CUDA its UNet and VAE weights stay
         allocated until the process ends, even after the editor is gone (``aot_package._bind``): load one compiled
         editor per process and keep it);
+        ``cached_packages`` runs them from packages only where an earlier run compiled them (never compiles; off
+        with ``cpu_offload``), else eagerly;
         ``cudnn_benchmark`` keeps cuDNN's benchmark mode (if on) for the editor, which otherwise edits
         with cuDNN's heuristics (``cudnn_heuristics``).
         """
@@ -253,8 +259,8 @@ class InstructPix2Pix:
             pipe.to(device)
         for module in (pipe.unet, pipe.vae, pipe.text_encoder):
             module.requires_grad_(False).eval()
-        compiled = compile_unet and device.type == "cuda"
-        return cls(pipe, device, max_batch_size, cache_conditioning, vae_batch_size, compiled, cudnn_benchmark)
+        compiled = device.type == "cuda" and (compile_unet or (cached_packages and not cpu_offload))
+        return cls(pipe, device, max_batch_size, cache_conditioning, vae_batch_size, compiled, cudnn_benchmark, compile_unet)
 
     # ----------------------------------------------------------------------------------- caches
     @torch.no_grad()
@@ -420,8 +426,8 @@ class InstructPix2Pix:
 
     def _package(self, count: int, height: int, width: int, embeddings: Tensor) -> None:
         """Switch the UNet and the VAE to their compiled packages for batches of ``count`` views of this (UNet) size,
-        loaded or compiled once and kept. If the UNet's fails, edit eagerly from now on, unpadded; a VAE part whose
-        package fails runs eagerly."""
+        loaded (or, with ``compile_missing``, compiled) once and kept. Without the UNet's, edit eagerly from now on,
+        unpadded; a VAE part without its package runs eagerly."""
         from igs2gs.aot_package import UNetCall, VAEDecoderCall, VAEEncoderCall, packaged
 
         rows, chunk = 3 * count, min(count, self.vae_batch_size)  # three guidance branches; the VAE's batches
@@ -433,7 +439,7 @@ class InstructPix2Pix:
             self._timesteps(total, 1).to(self.device).repeat(rows),
             _branch_text(embeddings, count),
         )
-        unet = packaged(UNetCall(self.unet), unet_inputs)
+        unet = packaged(UNetCall(self.unet), unet_inputs, compile_missing=self.compile_missing)
         if unet is None:
             self.compiled, self.fixed_batch = False, None
             return
@@ -442,7 +448,7 @@ class InstructPix2Pix:
             (VAEEncoderCall(self.vae), (zeros(chunk, 3, height, width),)),
             (VAEDecoderCall(self.vae), (zeros(chunk, int(self.vae.config.latent_channels), *latent_size),)),
         ):
-            package = packaged(call, inputs)
+            package = packaged(call, inputs, compile_missing=self.compile_missing)
             if package is not None:
                 self._packages[call.part] = package
 

@@ -85,8 +85,8 @@ class IGS2GSPipelineConfig(VanillaPipelineConfig):
     """Keep the editor's sub-models on the CPU until used (for GPUs with little memory; much slower)."""
     ip2p_max_batch_size: Optional[int] = None
     """Most views edited at once; default: 16, or fewer if free GPU memory asks (an out-of-memory error halves it)."""
-    ip2p_compile: bool = False
-    """Run the editor's UNet and VAE (CUDA) from packages compiled ahead of time for the sweeps' batch shape: faster edits. The first run for a shape, model architecture and GPU type compiles them (minutes); later runs load them in seconds from ~/.cache/igs2gs/packages (or $IGS2GS_PACKAGE_DIR). Without a working compiler the editor stays eager (logged). Not with --pipeline.ip2p-cpu-offload."""
+    ip2p_compile: Optional[bool] = None
+    """Run the editor's UNet and VAE (CUDA) from packages compiled ahead of time for the sweeps' batch shape: faster edits. True: compile those not yet made (the first run for a shape, model architecture and GPU type: minutes; later runs load them in seconds from ~/.cache/igs2gs/packages or $IGS2GS_PACKAGE_DIR; without a working compiler the editor stays eager, logged; not with --pipeline.ip2p-cpu-offload). None (default): use the packages an earlier run compiled, else edit eagerly. False: always eagerly."""
     edit_seed: int = 0
     """Seed of the edit noise; each (sweep, view) gets its own stream, so a resumed sweep makes the same edits."""
     sheet_views: int = 4
@@ -153,7 +153,7 @@ class IGS2GSPipeline(VanillaPipeline):
 
             self.editors = [self._load_editor(device) for device in editor_devices(config, str(self.device))]
             if config.editor == "ip2p":
-                if config.ip2p_compile:
+                if config.ip2p_compile is not False:
                     self._compile_editors()
                 self.warm_up = self._warm_up_in_background()
             self.editor = self.editors[0]
@@ -174,7 +174,8 @@ class IGS2GSPipeline(VanillaPipeline):
             dtype=torch.float32 if self.config.ip2p_use_full_precision else torch.float16,
             cpu_offload=self.config.ip2p_cpu_offload,
             max_batch_size=self.config.ip2p_max_batch_size,
-            compile_unet=self.config.ip2p_compile,
+            compile_unet=bool(self.config.ip2p_compile),
+            cached_packages=self.config.ip2p_compile is None,
         )
 
     def _full_sweep_batches(self) -> Tuple[List[Tuple[int, int]], List[List[int]]]:
@@ -183,17 +184,23 @@ class IGS2GSPipeline(VanillaPipeline):
         return sizes, _size_groups(range(len(sizes)), sizes, self.edit_batch_limit)
 
     def _compile_editors(self) -> None:
-        """Load or compile each editor's packages for the sweeps' batch shape now, in this thread: export and
-        compilation are not thread-safe, and overlapped or multi-device sweeps edit in threads. The shape is the
-        largest batch of the most common view size, so the sweeps' evened batches pad little (73 views by 16:
-        batches of 14-15 padded to 15, 75 rows edited, not 80)."""
+        """Load (or, with ``--pipeline.ip2p-compile True``, compile) each editor's packages for the sweeps' batch shape
+        now, in this thread: export and compilation are not thread-safe, and overlapped or multi-device sweeps edit in
+        threads. The shape is the largest batch of the most common view size, so the sweeps' evened batches pad little
+        (73 views by 16: batches of 14-15 padded to 15, 75 rows edited, not 80)."""
         sizes, groups = self._full_sweep_batches()
         (height, width), _ = Counter(sizes).most_common(1)[0]
         batch = max(len(group) for group in groups if sizes[group[0]] == (height, width))
+        compile_missing = bool(self.config.ip2p_compile)
         for editor in self.editors:
-            if getattr(editor, "compiled", False):
-                CONSOLE.log(f"Preparing the compiled InstructPix2Pix UNet and VAE on {editor.device} for batches of {batch} {width}x{height} views")
-                editor.prepare_compiled(batch, height, width, self.prompt)
+            if not getattr(editor, "compiled", False):
+                continue
+            doing = "Preparing" if compile_missing else "Looking for"
+            CONSOLE.log(f"{doing} the compiled InstructPix2Pix UNet and VAE on {editor.device} for batches of {batch} {width}x{height} views")
+            editor.prepare_compiled(batch, height, width, self.prompt)
+            if not editor.compiled and not compile_missing:
+                CONSOLE.log("InstructPix2Pix edits eagerly: --pipeline.ip2p-compile True compiles it for these batches once "
+                            "(minutes), for faster edits in this run and the later ones (on an H100: 0.15 vs 0.21 s per edit)")
 
     def _warm_up_in_background(self) -> Optional[WarmUp]:
         """Start warming the CUDA editors up for the first sweep's batch shapes (the trainer sets up meanwhile)."""

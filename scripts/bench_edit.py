@@ -49,6 +49,7 @@ class ShadowEditor:
         return self.oracle.edit(renders, originals, prompt, **settings)
 
 
+COMPILE_MODES = {"on": True, "cached": None, "off": False}  # --compile -> --pipeline.ip2p-compile
 AFTER_SWEEP_STEPS = 300  # steps after a sweep whose excess time step_time_profile also reports apart
 
 
@@ -307,7 +308,10 @@ def main() -> None:
     parser.add_argument("--lpips-loss-mult", type=float, default=1.0)
     parser.add_argument("--vis", default="tensorboard", help="nerfstudio --vis (tensorboard runs eval images; viewer does not)")
     parser.add_argument("--train-on", choices=["ip2p", "oracle"], default="ip2p", help="oracle: train on oracle edits, time IP2P anyway")
-    parser.add_argument("--compile", action="store_true", help="--pipeline.ip2p-compile")
+    parser.add_argument(
+        "--compile", nargs="?", choices=list(COMPILE_MODES), const="on", default="cached",
+        help="--pipeline.ip2p-compile: on (True: compile missing packages), cached (None, the default: packages on disk only), off (False)",
+    )
     parser.add_argument("--lpips-fp32", action="store_true", help="LPIPS loss in float32 (as the reference)")
     parser.add_argument("--lpips-eager", action="store_true", help="LPIPS loss launched op by op, not replayed from a CUDA graph")
     parser.add_argument("--overlap", action="store_true", help="--pipeline.overlap-edits: edits run while training goes on")
@@ -343,9 +347,10 @@ def main() -> None:
     trainer = edit_trainer(
         args.data, args.load_dir, args.output_dir, steps=args.steps, vis=args.vis,
         model=dict(lpips_loss_mult=args.lpips_loss_mult, lpips_bf16=not args.lpips_fp32, lpips_cuda_graph=not args.lpips_eager),
-        prompt=args.prompt, gs_steps=args.gs_steps, ip2p_model=args.ip2p_model, ip2p_compile=args.compile,
+        prompt=args.prompt, gs_steps=args.gs_steps, ip2p_model=args.ip2p_model, ip2p_compile=COMPILE_MODES[args.compile],
         overlap_edits=args.overlap, ip2p_devices=args.ip2p_devices,
     )
+    timed_editor = trainer.pipeline.editor
     if args.train_on == "oracle":
         from igs2gs.oracle import OracleEditor, OracleEditorConfig
 
@@ -409,7 +414,8 @@ def main() -> None:
         "total_s": total_s,
         "peak_gpu_gb": torch.cuda.max_memory_allocated() / 1e9,
         "trained_on": args.train_on,
-        "compiled_unet": args.compile,
+        "ip2p_compile": args.compile,
+        "editor_packages": sorted(getattr(timed_editor, "_packages", {})),  # the parts that ran compiled
         "overlap_edits": args.overlap,
         "lpips": ("float32" if args.lpips_fp32 else "bf16") + (" eager" if args.lpips_eager else " CUDA graph"),
         "ip2p_devices": args.ip2p_devices,

@@ -34,7 +34,7 @@ def edit(editor: InstructPix2Pix) -> torch.Tensor:
 
 def compiled_editor(tiny_ip2p_dir: Path) -> InstructPix2Pix:
     editor = InstructPix2Pix.from_pretrained(str(tiny_ip2p_dir), device="cpu")
-    editor.compiled = True  # from_pretrained compiles on CUDA only; the package logic is the same on the CPU
+    editor.compiled = editor.compile_missing = True  # from_pretrained compiles on CUDA only; the package logic is the same on the CPU
     return editor
 
 
@@ -182,11 +182,52 @@ def test_a_vae_part_whose_package_fails_runs_eagerly_beside_the_packaged_unet(co
     folder, _, edited = compiled
     monkeypatch.setenv("IGS2GS_PACKAGE_DIR", str(folder))
     real = aot_package.packaged
-    monkeypatch.setattr(aot_package, "packaged", lambda call, inputs: None if call.part == "vae-decoder" else real(call, inputs))
+    monkeypatch.setattr(aot_package, "packaged", lambda call, inputs, **how: None if call.part == "vae-decoder" else real(call, inputs, **how))
     editor = compiled_editor(tiny_ip2p_dir)
     assert (edit(editor) - edited).abs().max() < 1e-4
     assert editor.compiled and editor.fixed_batch == BATCH
     assert [name for name, call in parts(editor).items() if isinstance(call, Packaged)] == ["unet", "vae-encoder"]
+
+
+def cached_only_editor(tiny_ip2p_dir: Path) -> InstructPix2Pix:
+    """An editor as ``--pipeline.ip2p-compile`` left at its default makes one on CUDA: packages only from the disk."""
+    editor = compiled_editor(tiny_ip2p_dir)
+    editor.compile_missing = False
+    return editor
+
+
+def test_by_default_an_editor_runs_the_packages_an_earlier_run_compiled(compiled, tiny_ip2p_dir, monkeypatch):
+    folder, _, edited = compiled
+    monkeypatch.setenv("IGS2GS_PACKAGE_DIR", str(folder))
+    monkeypatch.setattr(aot_package, "_compile", lambda *args: pytest.fail("compiled"))
+    editor = cached_only_editor(tiny_ip2p_dir)
+    assert (edit(editor) - edited).abs().max() < 1e-4
+    assert editor.compiled and editor.fixed_batch == BATCH
+    assert all(isinstance(call, Packaged) for call in parts(editor).values())
+
+
+def test_by_default_an_editor_without_packages_on_disk_edits_eagerly_and_compiles_nothing(tiny_ip2p_dir, eager, tmp_path, monkeypatch):
+    monkeypatch.setenv("IGS2GS_PACKAGE_DIR", str(tmp_path))
+    monkeypatch.setattr(aot_package, "_compile", lambda *args: pytest.fail("compiled"))
+    editor = cached_only_editor(tiny_ip2p_dir)
+    edited = edit(editor)
+    assert not editor.compiled and editor.fixed_batch is None and editor._packages == {}
+    assert list(tmp_path.iterdir()) == []
+    assert (edited - edit(eager)).abs().max() < 1e-4
+
+
+def test_by_default_a_damaged_package_is_left_alone_and_its_part_runs_eagerly(part_inputs, tmp_path, monkeypatch):
+    call, inputs = part_inputs["vae-decoder"]
+    damaged = tmp_path / f"vae-decoder-{package_key(call, inputs)}.pt2"
+    damaged.write_bytes(b"not a package")
+    monkeypatch.setattr(aot_package, "_compile", lambda *args: pytest.fail("compiled"))
+    assert packaged(call, inputs, folder=tmp_path, compile_missing=False) is None
+    assert damaged.read_bytes() == b"not a package"
+
+
+def test_packages_from_the_disk_only_are_cuda_only_and_need_no_refusal_beside_cpu_offload(tiny_ip2p_dir):
+    editor = InstructPix2Pix.from_pretrained(str(tiny_ip2p_dir), device="cpu", cached_packages=True, cpu_offload=True)
+    assert not editor.compiled and not editor.compile_missing
 
 
 def test_a_discarded_compiled_editor_frees_its_model_at_once(compiled, tiny_ip2p_dir, monkeypatch):

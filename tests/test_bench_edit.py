@@ -41,6 +41,14 @@ def test_bench_ip2p_refuses_a_run_without_reference_views_before_anything_loads(
     assert "--reference-views must be at least 1" in result.stderr
 
 
+def test_gpu_bench_refuses_an_unknown_phase_or_a_missing_scene_before_doing_anything(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_bench.sh"
+    for args in (["measure", str(tmp_path)], ["prepare", str(tmp_path / "no scene")], []):
+        result = subprocess.run(["bash", str(script), *args], capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "RESULTS": str(tmp_path / "r")})
+        assert result.returncode == 2 and "usage: gpu_bench.sh prepare|edit DATA" in result.stderr, args
+    assert not (tmp_path / "r").exists()
+
+
 def test_gc_clock_times_the_collections_made_while_installed_and_only_those():
     with GcClock() as clock:
         gc.collect()

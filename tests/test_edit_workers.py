@@ -120,6 +120,7 @@ def test_compiled_editors_prepare_their_package_at_set_up_in_the_main_thread(sce
     def load_as_compiled(*args, **kwargs):
         editor = real_load(*args, **kwargs)
         editor.compiled = kwargs["compile_unet"]  # from_pretrained compiles on CUDA only
+        editor.compile_missing = kwargs["compile_unet"]
         return editor
 
     def prepare_compiled(editor, batch, height, width, prompt):
@@ -140,6 +141,35 @@ def test_compiled_editors_prepare_their_package_at_set_up_in_the_main_thread(sce
     assert TRAIN_VIEWS == 9 and prepared == [("cpu", 3, height, width, True)] * 2
     trainer.pipeline.warm_up.wait()
     assert warmed and all(entry == (2, False) for entry in warmed)  # after both packages, in the warm-up thread
+
+
+@pytest.mark.parametrize("ip2p_compile", [None, False])
+def test_by_default_editors_look_for_packages_an_earlier_run_compiled_and_edit_eagerly_without(
+    scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path, monkeypatch, ip2p_compile
+):
+    """``--pipeline.ip2p-compile`` left at None: the editors load the sweeps' packages if they are on disk (compiling
+    nothing); without them they edit eagerly, unpadded. False: they never look."""
+    loaded, prepared = [], []
+    real_load = InstructPix2Pix.from_pretrained
+
+    def load_on_cuda(*args, **kwargs):
+        loaded.append((kwargs["compile_unet"], kwargs["cached_packages"]))
+        editor = real_load(*args, **kwargs)
+        editor.compiled = kwargs["compile_unet"] or kwargs["cached_packages"]  # as from_pretrained does on CUDA
+        return editor
+
+    def prepare_compiled(editor, batch, height, width, prompt):
+        prepared.append((batch, editor.compile_missing))
+        editor.compiled = False  # as when no package is on disk
+
+    monkeypatch.setattr(InstructPix2Pix, "from_pretrained", load_on_cuda)
+    monkeypatch.setattr(InstructPix2Pix, "prepare_compiled", prepare_compiled)
+    trainer = make_trainer(scene_dir, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, f"compile-{ip2p_compile}",
+                           ip2p_compile=ip2p_compile, ip2p_max_batch_size=4)
+    assert loaded == [(False, ip2p_compile is None)]
+    assert prepared == ([(3, False)] if ip2p_compile is None else [])
+    editor = trainer.pipeline.editor
+    assert not editor.compiled and editor.fixed_batch is None
 
 
 def test_warm_up_edits_each_shape_on_each_editor_in_a_background_thread_and_keeps_failures(replicas, monkeypatch):

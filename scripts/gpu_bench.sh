@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The GPU measurements of the README in two commands of under ten minutes each, on one CUDA machine with igs2gs
+# and its dependencies installed. Results (logs, JSON) go to $RESULTS (default: outputs/gpu_bench/results).
+#
+#   bash scripts/gpu_bench.sh prepare DATA   # random sd15 editor; in parallel: splatfacto 15k reconstruction,
+#                                            # the GPU tests, the editor's packages for the sweeps' batch shape
+#   bash scripts/gpu_bench.sh edit DATA      # whole edits: packages from disk (the default) and eager, both with
+#                                            # the reference-style projection; then the editor alone
+#
+# Work files stay in outputs/gpu_bench (keep the machine warm between the two). BATCH, HEIGHT, WIDTH: the sweeps'
+# padded batch shape (stone_horse, 73 training views of 511x511: 15 511 511). REFERENCE_VIEWS: reference-style views
+# timed per edit run (default 2).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+usage="usage: gpu_bench.sh prepare|edit DATA"
+phase=${1:-}; data=${2:-}
+if [[ ! "$phase" =~ ^(prepare|edit)$ || ! -d "$data" ]]; then
+    echo "$usage (DATA: a nerfstudio scene folder)" >&2; exit 2
+fi
+work=outputs/gpu_bench
+results=${RESULTS:-$work/results}
+mkdir -p "$work" "$results"
+export IGS2GS_PACKAGE_DIR=${IGS2GS_PACKAGE_DIR:-$PWD/$work/packages} PYTHONUNBUFFERED=1
+editor=$work/sd15
+prompt="turn the horse into a giraffe"
+
+# An installation made with byte-code (as pip makes one by default) imports without compiling thousands of modules:
+# set-up figures then are a user's, not the first process's on a machine installed with --no-compile.
+python3 - <<'PY' >/dev/null 2>&1
+import compileall, site, sys
+for folder in [*sys.path]:
+    if folder.endswith(("site-packages", "site")) or folder == "/tmp/site":
+        compileall.compile_dir(folder, quiet=2, workers=0)
+PY
+
+case "$phase" in
+prepare)
+    python3 scripts/make_random_ip2p.py "$editor" --shape sd15 --fp16 > "$results/make_editor.log" 2>&1 || { cat "$results/make_editor.log"; exit 1; }
+    python3 scripts/reconstruct.py --data "$data" --output-dir "$work" --steps 15000 --device cuda > "$results/reconstruct.log" 2>&1 &
+    reconstruction=$!
+    python3 -m pytest -m gpu tests -q -p no:cacheprovider > "$results/gpu_tests.log" 2>&1 &
+    tests=$!
+    python3 - "$editor" "$prompt" "${BATCH:-15}" "${HEIGHT:-511}" "${WIDTH:-511}" > "$results/packages.log" 2>&1 <<'PY'
+import sys, time
+import torch
+from igs2gs.ip2p import InstructPix2Pix
+model, prompt, batch, height, width = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:])
+started = time.perf_counter()
+editor = InstructPix2Pix.from_pretrained(model, device="cuda", compile_unet=True)
+editor.prepare_compiled(batch, height, width, prompt)
+print(f"packages for batch {batch} {width}x{height}: {sorted(editor._packages)} in {time.perf_counter() - started:.1f} s")
+PY
+    echo "packages: exit $?"; tail -n 2 "$results/packages.log"
+    wait "$tests"; echo "gpu tests: exit $?"; tail -n 3 "$results/gpu_tests.log"
+    wait "$reconstruction"; echo "reconstruction: exit $?"; tail -n 2 "$results/reconstruct.log"
+    ;;
+edit)
+    load_dir=$(ls -d "$work"/*/splatfacto/*/nerfstudio_models | tail -n 1)
+    for mode in cached off; do
+        python3 scripts/bench_edit.py --data "$data" --load-dir "$load_dir" --ip2p-model "$editor" --vis viewer \
+            --compile "$mode" --reference-views "${REFERENCE_VIEWS:-2}" --output-dir "$work/edits" \
+            --json "$results/edit_$mode.json" > "$results/edit_$mode.log" 2>&1
+        echo "edit ($mode): exit $?"
+        python3 - "$results/edit_$mode.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print({k: r.get(k) for k in ("total_s", "setup_s", "ip2p_s_per_edit", "splat_training_s", "peak_gpu_gb", "editor_packages")},
+      "reference:", {k: r.get("reference_style", {}).get(k) for k in ("s_per_view", "speedup", "sweep_speedup")})
+PY
+    done
+    python3 scripts/bench_ip2p.py --model "$editor" --views 45 --batch-sizes 15 --reference-views 2 --compile-batch 15 \
+        --variants compiled --json "$results/ip2p.json" > "$results/ip2p.log" 2>&1
+    echo "bench_ip2p: exit $?"; tail -n 12 "$results/ip2p.log"
+    ;;
+esac
