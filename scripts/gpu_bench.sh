@@ -9,7 +9,9 @@
 #
 # Work files stay in outputs/gpu_bench (keep the machine warm between the two). BATCH, HEIGHT, WIDTH: the sweeps'
 # padded batch shape (stone_horse, 73 training views of 511x511: 15 511 511). REFERENCE_VIEWS: reference-style views
-# timed per edit run (default 2).
+# timed per edit run (default 2). On this project's lent GPU machine (the device tool; the machine goes back 30 s
+# after a call, so send the second call at once):
+#   source .device/env.sh > /dev/null && RESULTS=$OUT bash scripts/gpu_bench.sh prepare .device/data/stone_horse
 set -uo pipefail
 cd "$(dirname "$0")/.."
 usage="usage: gpu_bench.sh prepare|edit DATA"
@@ -35,11 +37,12 @@ PY
 
 case "$phase" in
 prepare)
-    python3 scripts/make_random_ip2p.py "$editor" --shape sd15 --fp16 > "$results/make_editor.log" 2>&1 || { cat "$results/make_editor.log"; exit 1; }
+    # The reconstruction is the long pole (330-480 s on an H100 beside the rest): started first.
     python3 scripts/reconstruct.py --data "$data" --output-dir "$work" --steps 15000 --device cuda > "$results/reconstruct.log" 2>&1 &
     reconstruction=$!
     python3 -m pytest -m gpu tests -q -p no:cacheprovider > "$results/gpu_tests.log" 2>&1 &
     tests=$!
+    python3 scripts/make_random_ip2p.py "$editor" --shape sd15 --fp16 > "$results/make_editor.log" 2>&1 || { cat "$results/make_editor.log"; exit 1; }
     python3 - "$editor" "$prompt" "${BATCH:-15}" "${HEIGHT:-511}" "${WIDTH:-511}" > "$results/packages.log" 2>&1 <<'PY'
 import sys, time
 import torch
