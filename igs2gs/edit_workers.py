@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -165,13 +165,22 @@ class WarmUp:
     cuBLAS loading their kernels and choosing algorithms, 3.5-6 s on an H100 with a cold disk
     cache). Here each editor edits one throw-away batch of each shape the first sweep will use, with
     one diffusion step, while the scene loads and the viewer starts; the first sweep ``wait``s.
-    The instruction's embedding stays cached; a failure costs only the warm-up (it is logged).
+    The instruction's embedding stays cached, and so do the condition latents of the ``conditions``
+    batches (view ids and their original photos on a device), which the first sweep would otherwise encode; a
+    failure costs only the warm-up (it is logged).
     """
 
-    def __init__(self, editors: Sequence, shapes: Sequence[Tuple[int, int, int]], prompt: str) -> None:
+    def __init__(
+        self,
+        editors: Sequence,
+        shapes: Sequence[Tuple[int, int, int]],
+        prompt: str,
+        conditions: Optional[Callable[[torch.device], Iterable[Tuple[List[int], Tensor]]]] = None,
+    ) -> None:
         self.shapes = list(shapes)
         self.seconds = 0.0
         self.error: Optional[str] = None
+        self._conditions = conditions
         self._thread = threading.Thread(target=self._run, args=(list(editors), prompt), name="igs2gs-editor-warm-up", daemon=True)
         self._thread.start()
 
@@ -182,6 +191,8 @@ class WarmUp:
                 for editor in editors:
                     for batch, height, width in self.shapes:
                         editor.warm_up(batch, height, width, prompt)
+                    for views, originals in self._conditions(torch.device(editor.device)) if self._conditions else ():
+                        editor.encode_conditions(originals, views)
         except Exception as error:  # noqa: BLE001 - e.g. memory taken by another process: the sweep copes
             self.error = f"{type(error).__name__}: {error}"
         self.seconds = time.perf_counter() - started

@@ -495,6 +495,30 @@ class InstructPix2Pix:
             limit = min(limit, int(0.8 * free // edit_bytes(1, height, width)))
         return max(1, min(limit, count))
 
+    def _at_unet_size(self, images: Tensor) -> Tensor:
+        """[B,3,H,W] images resized (bilinear) to ``_unet_size``, or as they are if already of it."""
+        size = self._unet_size(images.shape[2], images.shape[3])
+        if size == tuple(images.shape[2:]):
+            return images
+        return F.interpolate(images.float(), size, mode="bilinear", align_corners=False)
+
+    def _cudnn_mode(self):
+        """The editor's convolution algorithm choice: cuDNN's heuristics unless ``cudnn_benchmark``."""
+        return contextlib.nullcontext() if self.cudnn_benchmark else cudnn_heuristics()
+
+    @torch.no_grad()
+    def encode_conditions(self, originals: Tensor, keys: Sequence[Hashable]) -> None:
+        """Encode and cache the condition latents of ``originals`` [B,3,H,W] in [0,1] under ``keys`` before their
+        first edit (the latents that edit would encode: the warm-up does this beside set-up, so the first sweep
+        does not). Keys already cached are not encoded again; nothing is kept without ``cache_conditioning``."""
+        _check_images("originals", originals)
+        if len(keys) != originals.shape[0]:
+            raise ValueError(f"got {len(keys)} keys for {originals.shape[0]} images")
+        if not self.cache_conditioning:
+            return
+        with self._cudnn_mode():
+            self._condition(self._at_unet_size(originals.to(self.device)), keys)
+
     def _unet_size(self, height: int, width: int) -> Tuple[int, int]:
         """The size views of this size are edited at: the nearest multiple of the VAE's downscaling."""
         return tuple(max(self.vae_scale, round(side / self.vae_scale) * self.vae_scale) for side in (height, width))  # type: ignore[return-value]
@@ -578,18 +602,14 @@ class InstructPix2Pix:
 
         unet_height, unet_width = self._unet_size(height, width)
         resized = (unet_height, unet_width) != (height, width)
-        if resized:
-            renders_in = F.interpolate(renders.float(), (unet_height, unet_width), mode="bilinear", align_corners=False)
-            originals_in = F.interpolate(originals.float(), (unet_height, unet_width), mode="bilinear", align_corners=False)
-        else:
-            renders_in, originals_in = renders, originals
+        renders_in, originals_in = self._at_unet_size(renders), self._at_unet_size(originals)
 
         total = int(self.scheduler.config.num_train_timesteps)
         low, high = int(total * lower_bound), int(total * upper_bound)
         latent_shape = (int(self.unet.config.out_channels), unet_height // self.vae_scale, unet_width // self.vae_scale)
         starts, vae_noise, noise = self._draw(count, latent_shape, low, high, generator)
         embeddings = self.encode_prompt(prompt)
-        with contextlib.nullcontext() if self.cudnn_benchmark else cudnn_heuristics():
+        with self._cudnn_mode():
             condition = self._condition(originals_in, cond_keys)
             edited = self._edit_in_batches(
                 renders_in, condition, starts, vae_noise, noise, embeddings=embeddings, guidance_scale=guidance_scale,

@@ -203,11 +203,17 @@ class IGS2GSPipeline(VanillaPipeline):
                             "(minutes), for faster edits in this run and the later ones (on an H100: 0.15 vs 0.21 s per edit)")
 
     def _warm_up_in_background(self) -> Optional[WarmUp]:
-        """Start warming the CUDA editors up for the first sweep's batch shapes (the trainer sets up meanwhile)."""
+        """Start warming the CUDA editors up for the first sweep's batch shapes and encoding the photos' condition
+        latents (the trainer sets up meanwhile)."""
         sizes, groups = self._full_sweep_batches()
         shapes = sorted({(len(group), *sizes[group[0]]) for group in groups})
         editors = [editor for editor in self.editors if self._needs_warm_up(editor, shapes)]
-        return WarmUp(editors, shapes, self.prompt) if editors else None
+        if not editors:
+            return None
+        # The photos as they are now: a resume swaps stored edits into the working set during set-up.
+        assert len(self.datamanager.original_images) == len(sizes)
+        photos = lambda device: ((group, self.datamanager.originals(group, device)) for group in groups)  # noqa: E731
+        return WarmUp(editors, shapes, self.prompt, conditions=photos)
 
     @staticmethod
     def _needs_warm_up(editor: Editor, shapes: Sequence[Tuple[int, int, int]]) -> bool:
@@ -232,7 +238,7 @@ class IGS2GSPipeline(VanillaPipeline):
         if warm_up.error is not None:
             CONSOLE.log(f"[yellow]igs2gs: warming InstructPix2Pix up failed ({warm_up.error}); the first sweep pays its set-up")
         else:
-            CONSOLE.log(f"Warmed InstructPix2Pix up for batches of {shapes} views in {warm_up.seconds:.1f} s beside set-up")
+            CONSOLE.log(f"Warmed InstructPix2Pix up for batches of {shapes} views and encoded the photos' conditioning in {warm_up.seconds:.1f} s beside set-up")
         return waited
 
     def _view_sizes(self) -> List[Tuple[int, int]]:

@@ -211,9 +211,18 @@ def test_the_first_sweep_waits_for_the_warm_up_of_the_first_sweeps_batch_shapes(
         events.append(("warmed",))
         return 0.5
 
-    real_edit = InstructPix2Pix.edit
+    real_edit, real_condition = InstructPix2Pix.edit, InstructPix2Pix._condition
+    encoded = []  # (views, in the main thread) of each condition encoding
+
+    def condition(editor, originals, keys):
+        missing = [key for key in keys if key not in editor._condition_latents]
+        if missing:
+            encoded.append((missing, threading.current_thread() is threading.main_thread()))
+        return real_condition(editor, originals, keys)
+
     monkeypatch.setattr(IGS2GSPipeline, "_needs_warm_up", staticmethod(lambda editor, shapes: True))
     monkeypatch.setattr(InstructPix2Pix, "warm_up", warm_up)
+    monkeypatch.setattr(InstructPix2Pix, "_condition", condition)
     monkeypatch.setattr(InstructPix2Pix, "edit", lambda *a, **k: events.append(("edit",)) or real_edit(*a, **k))
     trainer = make_trainer(scene_dir, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, "warm-up", ip2p_max_batch_size=4)
     pipeline = trainer.pipeline
@@ -224,6 +233,9 @@ def test_the_first_sweep_waits_for_the_warm_up_of_the_first_sweeps_batch_shapes(
     step_pipeline(trainer, trainer._start_step)
     assert events.index(("warmed",)) < events.index(("edit",))  # no edit before the warm-up is done
     assert pipeline.warm_up is None and 0 < pipeline.sweep_timings[0]["warm_up_wait_s"] <= 0.6
+    # The photos' condition latents were encoded beside set-up, in the sweep's batches; the sweep encoded none.
+    assert [views for views, _ in encoded] == [[0, 1, 2], [3, 4, 5], [6, 7, 8]] and not any(main for _, main in encoded)
+    assert pipeline.editor.condition_encodings == TRAIN_VIEWS
 
 
 @pytest.mark.gpu

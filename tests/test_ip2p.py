@@ -104,6 +104,26 @@ def test_warm_up_edits_once_with_one_diffusion_step_and_leaves_only_the_prompt_c
     assert ip2p.prompt_encodings == prompts  # the first sweep's instruction is already encoded
 
 
+def test_conditions_encoded_ahead_are_those_the_edit_would_encode(tiny_ip2p_dir):
+    """The warm-up encodes the photos' condition latents before the first sweep: the edit then encodes none and
+    edits as it would have (30x45 views: resized for the UNet on both paths)."""
+    ahead, plain = (InstructPix2Pix.from_pretrained(str(tiny_ip2p_dir), device="cpu") for _ in range(2))
+    renders, originals = images(3, 30, 45), images(3, 30, 45, seed=1)
+    ahead.encode_conditions(originals, [0, 1, 2])  # in the batch the edit encodes: the same latents bit for bit
+    ahead.encode_conditions(originals[1:], [1, 2])  # cached keys are not encoded again
+    assert ahead.condition_encodings == 3 and sorted(ahead._condition_latents) == [0, 1, 2]
+    edit = lambda editor: editor.edit(renders, originals, PROMPT, diffusion_steps=2, generator=generators(3), cond_keys=[0, 1, 2])  # noqa: E731
+    assert torch.equal(edit(ahead), edit(plain))
+    assert ahead.condition_encodings == 3 and plain.condition_encodings == 3
+    with pytest.raises(ValueError, match="2 keys for 3 images"):
+        ahead.encode_conditions(originals, [0, 1])
+    with pytest.raises(ValueError, match="originals"):
+        ahead.encode_conditions(originals * 3, [0, 1, 2])
+    uncached = InstructPix2Pix.from_pretrained(str(tiny_ip2p_dir), device="cpu", cache_conditioning=False)
+    uncached.encode_conditions(originals, [0, 1, 2])
+    assert uncached.condition_encodings == 0 and not uncached._condition_latents
+
+
 def test_warm_up_skips_a_shape_it_has_edited_at_the_padded_batch_included(tiny_ip2p_dir, monkeypatch):
     """A sweep of 73 views by 16 makes batches of 14 and 15; an editor padding to 15 warms up once, not twice."""
     editor = InstructPix2Pix.from_pretrained(str(tiny_ip2p_dir), device="cpu")
