@@ -446,8 +446,10 @@ class IGS2GSPipeline(VanillaPipeline):
             if self.edit_workers is None:
                 self._edit_in_turn(current, groups)
             elif self.config.overlap_edits:
-                for group in groups:
-                    self._submit(current, group)
+                # Every batch is rendered before the first is edited: renders made beside a running editor wait for
+                # the GPU it fills, and training waits for the renders.
+                for job in [self._job(current, group) for group in groups]:
+                    self.edit_workers.submit(job)
                 self._sweep_in_flight = current  # training goes on; collect_edits swaps edits in as they finish
                 return
             else:
@@ -534,9 +536,13 @@ class IGS2GSPipeline(VanillaPipeline):
 
     def _submit(self, current: Sweep, group: List[int]) -> None:
         assert self.edit_workers is not None
+        self.edit_workers.submit(self._job(current, group))
+
+    def _job(self, current: Sweep, group: List[int]) -> EditJob:
+        """The editor threads' work for ``group``: its views rendered now, their photos and noise streams."""
         renders = self._timed_render(current, group).cpu()  # on the CPU: the workers' streams read it safely
         originals = self.datamanager.originals(group, torch.device("cpu"))
-        self.edit_workers.submit(EditJob(list(group), renders, originals, self._generators(current, group)))
+        return EditJob(list(group), renders, originals, self._generators(current, group))
 
     def _generators(self, current: Sweep, group: Sequence[int]) -> List[torch.Generator]:
         """One noise stream per (sweep, view): the same edits in any batching, on any replica, after a resume."""

@@ -284,13 +284,16 @@ def test_pausing_an_overlapped_sweep_holds_its_queued_batches(scene_dir, splatfa
         overlap_edits=True, ip2p_max_batch_size=1,
     )
     pipeline, start = first.pipeline, first._start_step
-    real_submit = pipeline._submit
+    workers, real_submit, rendered = pipeline.edit_workers, pipeline.edit_workers.submit, []
+    real_render = pipeline._render
 
-    def submit_then_pause(current, group):  # the viewer's pause arrives once the first batch is queued
-        real_submit(current, group)
+    def submit_then_pause(job):  # the viewer's pause arrives once the first batch is queued
+        assert len(rendered) == TRAIN_VIEWS  # every batch rendered before the first is edited
+        real_submit(job)
         pipeline.set_editing_paused(True)
 
-    pipeline._submit = submit_then_pause
+    pipeline._render = lambda views: rendered.extend(views) or real_render(views)
+    workers.submit = submit_then_pause
     pipeline.edit_end_step = start + 1
     step_pipeline(first, start)
     assert pipeline.edit_workers.outstanding == TRAIN_VIEWS
