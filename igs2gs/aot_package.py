@@ -132,14 +132,20 @@ class Packaged:
 def _load(path: Path, device_index: int) -> Callable:
     """The package's runner, from its own loader. ``torch._inductor.aoti_load_package`` first describes this
     machine for a mismatch warning, building and running a test program per CPU vector instruction set: 49-56 s
-    of a fresh process on the H100 machine, against under a second for the load itself."""
+    of a fresh process on the H100 machine, against under a second for the load itself.
+
+    The runner runs single-threaded: by default its one model instance first waits for the GPU to finish the
+    previous call (a CUDA event synchronisation) and the call holds the GIL throughout, so every other Python
+    thread - training beside overlapped edits, the viewer - stood still for a UNet call's GPU time at each call.
+    Single-threaded runs queue their kernels on the current stream and return; an editor's packages are called
+    from one thread at a time (the warm-up, then the sweeps), which is what that mode asks."""
     try:
         from torch._C._aoti import AOTIModelPackageLoader
         from torch._inductor.package.package import AOTICompiledModel
 
-        return AOTICompiledModel(AOTIModelPackageLoader(str(path), "model", False, 1, device_index))
+        return AOTICompiledModel(AOTIModelPackageLoader(str(path), "model", True, 1, device_index))
     except (ImportError, TypeError):  # another torch's private API: take the public, slower way
-        return torch._inductor.aoti_load_package(str(path), device_index=device_index)
+        return torch._inductor.aoti_load_package(str(path), run_single_threaded=True, device_index=device_index)
 
 
 def _bind(path: Path, call: PackagePart, inputs: Tuple[Tensor, ...]) -> Packaged:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import gc
 import shutil
+import time
 import weakref
 from pathlib import Path
 
@@ -246,6 +247,47 @@ def test_a_discarded_compiled_editor_frees_its_model_at_once(compiled, tiny_ip2p
         assert editor_ref() is None and unet_ref() is None
     finally:
         gc.enable()
+
+
+def test_packages_are_loaded_to_run_single_threaded(compiled, part_inputs, monkeypatch):
+    """A runner that is not single-threaded waits, holding the GIL, for its previous call to finish on the GPU."""
+    folder, _, _ = compiled
+    import torch._C._aoti as aoti
+
+    real, loaded = aoti.AOTIModelPackageLoader, []
+    monkeypatch.setattr(aoti, "AOTIModelPackageLoader", lambda *args: loaded.append(args) or real(*args))
+    call, inputs = part_inputs["vae-decoder"]
+    assert packaged(call, inputs, folder=folder, compile_missing=False) is not None
+    assert len(loaded) == 1 and loaded[0][2] is True  # (path, model name, run_single_threaded, runners, device)
+
+
+@pytest.mark.gpu
+def test_a_cuda_package_call_returns_without_waiting_for_the_previous_one(tmp_path):
+    """Calls queue their kernels and return: four ~40 ms calls are issued in a fraction of their GPU time (with the
+    runner's default mode each waited for the one before, GIL held, stopping training beside overlapped edits)."""
+
+    class Heavy(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for _ in range(24):
+                x = torch.tanh(x @ x)
+            return x
+
+    x = torch.randn(8192, 8192, device="cuda", dtype=torch.float16) / 64  # 26 TFLOP a call: ~40 ms on an H100
+    path = tmp_path / "heavy.pt2"
+    torch._inductor.aoti_compile_and_package(torch.export.export(Heavy(), (x,)), package_path=str(path))
+    runner = aot_package._load(path, torch.cuda.current_device())
+    runner(x)
+    torch.cuda.synchronize()
+    started, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    issued = time.perf_counter()
+    started.record()
+    for _ in range(4):
+        runner(x)
+    issued = time.perf_counter() - issued
+    done.record()
+    torch.cuda.synchronize()
+    gpu_s = started.elapsed_time(done) / 1000
+    assert gpu_s > 0.02 and issued < 0.5 * gpu_s, (issued, gpu_s)
 
 
 def test_compiling_with_cpu_offload_is_refused_before_loading(tmp_path):
