@@ -210,8 +210,7 @@ class IGS2GSPipeline(VanillaPipeline):
         editors = [editor for editor in self.editors if self._needs_warm_up(editor, shapes)]
         if not editors:
             return None
-        # The photos as they are now: a resume swaps stored edits into the working set during set-up.
-        assert len(self.datamanager.original_images) == len(sizes)
+        # ``original_images`` was cached by ``_view_sizes`` in this thread, before a resume swaps stored edits in.
         photos = lambda device: ((group, self.datamanager.originals(group, device)) for group in groups)  # noqa: E731
         return WarmUp(editors, shapes, self.prompt, conditions=photos)
 
