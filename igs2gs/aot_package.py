@@ -117,16 +117,27 @@ def package_key(call: PackagePart, inputs: Tuple[Tensor, ...]) -> str:
 
 
 class Packaged:
-    """Runs a package for inputs of the shape it was compiled for, and the eager part for any other."""
+    """Runs a package for inputs of the shape it was compiled for, and the eager part for any other.
 
-    def __init__(self, call: PackagePart, runner: Callable, shape: torch.Size, constants: Dict[str, Tensor]) -> None:
+    A package call holds Python's GIL while it launches its kernels, and a launch blocks while the GPU's queue is
+    full. So on CUDA each call first waits, with the GIL released, for the previous call to finish on the GPU
+    (the queue then has room), as torch's runner did in its default mode with the GIL held (``_load``): other
+    threads run meanwhile, and the GPU is as busy as before."""
+
+    def __init__(self, call: PackagePart, runner: Callable, shape: torch.Size, constants: Dict[str, Tensor], device: torch.device) -> None:
         self.call, self.runner, self.shape = call, runner, shape
         self._constants = constants  # the package reads these tensors directly: they must stay alive
+        self._previous = torch.cuda.Event() if device.type == "cuda" else None  # recorded after each call
 
     def __call__(self, *inputs: Tensor) -> Tensor:
         if inputs[0].shape != self.shape:
             return self.call(*inputs)
-        return self.runner(*(tensor.contiguous() for tensor in inputs))  # it reads them with contiguous strides
+        if self._previous is not None:
+            self._previous.synchronize()  # releases the GIL; returns at once before the first call
+        output = self.runner(*(tensor.contiguous() for tensor in inputs))  # it reads them with contiguous strides
+        if self._previous is not None:
+            self._previous.record(torch.cuda.current_stream(inputs[0].device))  # the stream the runner launched on
+        return output
 
 
 def _load(path: Path, device_index: int) -> Callable:
@@ -137,8 +148,9 @@ def _load(path: Path, device_index: int) -> Callable:
     The runner runs single-threaded: by default its one model instance first waits for the GPU to finish the
     previous call (a CUDA event synchronisation) and the call holds the GIL throughout, so every other Python
     thread - training beside overlapped edits, the viewer - stood still for a UNet call's GPU time at each call.
-    Single-threaded runs queue their kernels on the current stream and return; an editor's packages are called
-    from one thread at a time (the warm-up, then the sweeps), which is what that mode asks."""
+    Single-threaded runs queue their kernels on the current stream and return (``Packaged`` waits for the previous
+    call itself, without the GIL); an editor's packages are called from one thread at a time (the warm-up, then
+    the sweeps), which is what that mode asks."""
     try:
         from torch._C._aoti import AOTIModelPackageLoader
         from torch._inductor.package.package import AOTICompiledModel
@@ -166,7 +178,7 @@ def _bind(path: Path, call: PackagePart, inputs: Tuple[Tensor, ...]) -> Packaged
         raise ValueError(f"the package has weights built in: {baked[:3]}")
     constants = {name: weights[name] for name in needed}
     runner.load_constants(constants, check_full_update=True, user_managed=True)
-    return Packaged(call, runner, inputs[0].shape, constants)
+    return Packaged(call, runner, inputs[0].shape, constants, device)
 
 
 def _compile(call: PackagePart, inputs: Tuple[Tensor, ...], path: Path) -> None:
