@@ -34,6 +34,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_package_folder(tmp_path_factory):
+    """The editor's compiled packages in a folder of the test session's, not the user's cache: by default an editor
+    uses packages it finds there (tests that compile or look for packages name their own folder)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("IGS2GS_PACKAGE_DIR", str(tmp_path_factory.mktemp("packages-of-the-session")))
+        yield
+
+
 def offline_env(**extra: str) -> Dict[str, str]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", **extra)
     env.pop("WANDB_API_KEY", None)
