@@ -197,6 +197,15 @@ def _compile(call: PackagePart, inputs: Tuple[Tensor, ...], path: Path) -> None:
         partial.unlink(missing_ok=True)
 
 
+def _is_file(path: Path) -> bool:
+    """Whether a package file is there; a folder that cannot be read counts as holding none (a cache must not stop
+    an edit)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
 def packaged(
     call: PackagePart, inputs: Tuple[Tensor, ...], folder: Optional[Path] = None, compile_missing: bool = True
 ) -> Optional[Packaged]:
@@ -205,7 +214,8 @@ def packaged(
     part eagerly."""
     path = (folder or package_folder()) / f"{call.part}-{package_key(call, inputs)}.pt2"
     started = time.perf_counter()
-    if path.exists():
+    found = _is_file(path)
+    if found:
         try:
             loaded = _bind(path, call, inputs)
             CONSOLE.log(f"Loaded the compiled {call.part} from {path} in {time.perf_counter() - started:.1f} s")
@@ -214,7 +224,7 @@ def packaged(
             again = "compiling it again" if compile_missing else "running it eagerly"
             CONSOLE.log(f"[yellow]igs2gs: the compiled {call.part} in {path} could not be loaded ({error}); {again}")
     if not compile_missing:
-        if not path.exists():
+        if not found:
             CONSOLE.log(f"No compiled {call.part} for inputs of {tuple(inputs[0].shape)} in {path.parent}: running it eagerly")
         return None
     CONSOLE.log(

@@ -226,6 +226,19 @@ def test_by_default_a_damaged_package_is_left_alone_and_its_part_runs_eagerly(pa
     assert damaged.read_bytes() == b"not a package"
 
 
+def test_by_default_a_package_folder_that_cannot_be_read_means_eager_editing(part_inputs, tmp_path, monkeypatch):
+    call, inputs = part_inputs["unet"]
+    real_is_file = Path.is_file
+
+    def is_file(path):
+        if path.parent == tmp_path:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_is_file(path)
+
+    monkeypatch.setattr(Path, "is_file", is_file)
+    assert packaged(call, inputs, folder=tmp_path, compile_missing=False) is None
+
+
 def test_packages_from_the_disk_only_are_cuda_only_and_need_no_refusal_beside_cpu_offload(tiny_ip2p_dir):
     editor = InstructPix2Pix.from_pretrained(str(tiny_ip2p_dir), device="cpu", cached_packages=True, cpu_offload=True)
     assert not editor.compiled and not editor.compile_missing
