@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements of the README in two commands of under ten minutes each, on one CUDA machine with igs2gs
+# The GPU measurements of the README in three commands of under ten minutes each, on one CUDA machine with igs2gs
 # and its dependencies installed. Results (logs, JSON) go to $RESULTS (default: outputs/gpu_bench/results).
 #
 #   bash scripts/gpu_bench.sh prepare DATA   # random sd15 editor; in parallel: splatfacto 15k reconstruction,
@@ -8,10 +8,10 @@
 #                                            # projection), the same with --pipeline.overlap-edits, and eager
 #   bash scripts/gpu_bench.sh editor DATA    # the editor alone (bench_ip2p: reference-style, eager, packaged)
 #
-# Work files stay in outputs/gpu_bench (keep the machine warm between the two). BATCH, HEIGHT, WIDTH: the sweeps'
+# Work files stay in outputs/gpu_bench (keep the machine warm between the phases). BATCH, HEIGHT, WIDTH: the sweeps'
 # padded batch shape (stone_horse, 73 training views of 511x511: 15 511 511). REFERENCE_VIEWS: reference-style views
 # timed per edit run (default 2). On this project's lent GPU machine (the device tool; the machine goes back 30 s
-# after a call, so send the second call at once):
+# after a call, so send the next call at once):
 #   source .device/env.sh > /dev/null && RESULTS=$OUT bash scripts/gpu_bench.sh prepare .device/data/stone_horse
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +30,7 @@ prompt="turn the horse into a giraffe"
 # An installation made with byte-code (as pip makes one by default) imports without compiling thousands of modules:
 # set-up figures then are a user's, not the first process's on a machine installed with --no-compile.
 python3 - <<'PY' >/dev/null 2>&1
-import compileall, site, sys
+import compileall, sys
 for folder in [*sys.path]:
     if folder.endswith(("site-packages", "site")) or folder == "/tmp/site":
         compileall.compile_dir(folder, quiet=2, workers=0)
