@@ -6,7 +6,8 @@
 #                                            # the GPU tests, the editor's packages for the sweeps' batch shape
 #   bash scripts/gpu_bench.sh edit DATA      # whole edits: packages from disk (the default, with the reference-style
 #                                            # projection), the same with --pipeline.overlap-edits, and eager
-#   bash scripts/gpu_bench.sh editor DATA    # the editor alone (bench_ip2p: reference-style, eager, packaged)
+#   bash scripts/gpu_bench.sh extra DATA     # the editor alone (bench_ip2p: reference-style, eager, packaged), and the
+#                                            # default edit with --gsplat-unchecked-inverse (A/B with edit's first run)
 #
 # Work files stay in outputs/gpu_bench (keep the machine warm between the phases). BATCH, HEIGHT, WIDTH: the sweeps'
 # padded batch shape (stone_horse, 73 training views of 511x511: 15 511 511). REFERENCE_VIEWS: reference-style views
@@ -15,9 +16,9 @@
 #   source .device/env.sh > /dev/null && RESULTS=$OUT bash scripts/gpu_bench.sh prepare .device/data/stone_horse
 set -uo pipefail
 cd "$(dirname "$0")/.."
-usage="usage: gpu_bench.sh prepare|edit|editor DATA"
+usage="usage: gpu_bench.sh prepare|edit|extra DATA"
 phase=${1:-}; data=${2:-}
-if [[ ! "$phase" =~ ^(prepare|edit|editor)$ || ! -d "$data" ]]; then
+if [[ ! "$phase" =~ ^(prepare|edit|extra)$ || ! -d "$data" ]]; then
     echo "$usage (DATA: a nerfstudio scene folder)" >&2; exit 2
 fi
 work=outputs/gpu_bench
@@ -35,6 +36,22 @@ for folder in [*sys.path]:
     if folder.endswith(("site-packages", "site")) or folder == "/tmp/site":
         compileall.compile_dir(folder, quiet=2, workers=0)
 PY
+
+bench_edit() {  # NAME ARGS...: one whole edit of the reconstructed scene, its JSON and log under NAME, a summary printed
+    local name=$1 load_dir
+    shift
+    load_dir=$(ls -d "$work"/*/splatfacto/*/nerfstudio_models | tail -n 1)
+    python3 scripts/bench_edit.py --data "$data" --load-dir "$load_dir" --ip2p-model "$editor" --vis viewer \
+        --output-dir "$work/edits" --json "$results/edit_$name.json" "$@" > "$results/edit_$name.log" 2>&1
+    echo "edit ($name): exit $?"
+    python3 - "$results/edit_$name.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print({k: r.get(k) for k in ("total_s", "setup_s", "sweep_s", "ip2p_s_per_edit", "splat_training_s", "peak_gpu_gb", "editor_packages")},
+      "median step ms:", r.get("step_times", {}).get("median_ms"),
+      "reference:", {k: r.get("reference_style", {}).get(k) for k in ("s_per_view", "speedup", "sweep_speedup")})
+PY
+}
 
 case "$phase" in
 prepare)
@@ -59,24 +76,14 @@ PY
     wait "$reconstruction"; echo "reconstruction: exit $?"; tail -n 2 "$results/reconstruct.log"
     ;;
 edit)
-    load_dir=$(ls -d "$work"/*/splatfacto/*/nerfstudio_models | tail -n 1)
-    for run in "cached --reference-views ${REFERENCE_VIEWS:-2}" "cached --overlap" "off"; do
-        name=$(echo "$run" | awk '{ print $1 ($2 == "--overlap" ? "_overlap" : "") }')
-        # shellcheck disable=SC2086
-        python3 scripts/bench_edit.py --data "$data" --load-dir "$load_dir" --ip2p-model "$editor" --vis viewer \
-            --compile $run --output-dir "$work/edits" --json "$results/edit_$name.json" > "$results/edit_$name.log" 2>&1
-        echo "edit ($name): exit $?"
-        python3 - "$results/edit_$name.json" <<'PY'
-import json, sys
-r = json.load(open(sys.argv[1]))
-print({k: r.get(k) for k in ("total_s", "setup_s", "sweep_s", "ip2p_s_per_edit", "splat_training_s", "peak_gpu_gb", "editor_packages")},
-      "reference:", {k: r.get("reference_style", {}).get(k) for k in ("s_per_view", "speedup", "sweep_speedup")})
-PY
-    done
+    bench_edit cached --compile cached --reference-views "${REFERENCE_VIEWS:-2}"
+    bench_edit cached_overlap --compile cached --overlap
+    bench_edit off --compile off
     ;;
-editor)
+extra)
     python3 scripts/bench_ip2p.py --model "$editor" --views 45 --batch-sizes 15 --reference-views 2 --compile-batch 15 \
         --variants compiled --json "$results/ip2p.json" > "$results/ip2p.log" 2>&1
     echo "bench_ip2p: exit $?"; tail -n 12 "$results/ip2p.log"
+    bench_edit cached_unchecked_inverse --compile cached --gsplat-unchecked-inverse
     ;;
 esac
