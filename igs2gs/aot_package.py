@@ -120,9 +120,10 @@ class Packaged:
     """Runs a package for inputs of the shape it was compiled for, and the eager part for any other.
 
     A package call holds Python's GIL while it launches its kernels, and a launch blocks while the GPU's queue is
-    full. So on CUDA each call first waits, with the GIL released, for the previous call to finish on the GPU
-    (the queue then has room), as torch's runner did in its default mode with the GIL held (``_load``): other
-    threads run meanwhile, and the GPU is as busy as before."""
+    full. torch's runner in its default mode waited for its previous call to finish on the GPU (one model instance,
+    reclaimed by a CUDA event synchronisation) with the GIL held, so every other thread - training beside
+    overlapped edits, the viewer - stood still for each UNet call's GPU time. Here, on CUDA, each call waits for the
+    previous one with the GIL released (the queue then has room); the GPU is as busy as before."""
 
     def __init__(self, call: PackagePart, runner: Callable, shape: torch.Size, constants: Dict[str, Tensor], device: torch.device) -> None:
         self.call, self.runner, self.shape = call, runner, shape
@@ -145,11 +146,8 @@ def _load(path: Path, device_index: int) -> Callable:
     machine for a mismatch warning, building and running a test program per CPU vector instruction set: 49-56 s
     of a fresh process on the H100 machine, against under a second for the load itself.
 
-    The runner runs single-threaded: by default its one model instance first waits for the GPU to finish the
-    previous call (a CUDA event synchronisation) and the call holds the GIL throughout, so every other Python
-    thread - training beside overlapped edits, the viewer - stood still for a UNet call's GPU time at each call.
-    Single-threaded runs queue their kernels on the current stream and return (``Packaged`` waits for the previous
-    call itself, without the GIL); an editor's packages are called from one thread at a time (the warm-up, then
+    Single-threaded: in its default mode the runner waits for its previous call with the GIL held (see ``Packaged``,
+    which does that wait without it); an editor's packages are called from one thread at a time (the warm-up, then
     the sweeps), which is what that mode asks."""
     try:
         from torch._C._aoti import AOTIModelPackageLoader
