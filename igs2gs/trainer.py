@@ -302,6 +302,7 @@ class IGS2GSTrainer(Trainer):
         # nerfstudio's console counts "% Done" and the ETA up to max_num_iterations as an absolute step;
         # an edit starts at the loaded step (e.g. 30000), so count up to the step the edit ends at.
         writer.GLOBAL_BUFFER["max_iter"] = self.pipeline.edit_end_step
+        self.pipeline.model.training_metrics_every = self.config.logging.steps_per_log
 
     def _train_dataparser_outputs(self):
         """The training split as the datamanager will parse it (poses and normalisation only, no images).

@@ -191,6 +191,28 @@ def test_optimizers_act_on_the_loaded_gaussians(scene_dir, splatfacto_run, tiny_
     assert writer.GLOBAL_BUFFER["max_iter"] == trainer.pipeline.edit_end_step == trainer._start_step - 1 + 7500  # the default length
 
 
+def test_training_metrics_are_computed_only_on_the_steps_the_trainer_logs(scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path):
+    from nerfstudio.configs.base_config import LoggingConfig
+
+    trainer = make_trainer(
+        scene_dir, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, "metrics",
+        trainer={"logging": LoggingConfig(steps_per_log=3)}, gs_steps=1000,
+    )
+    start = trainer._start_step
+    logged = [step for step in range(start, start + 7) if step % 3 == 0]
+    from nerfstudio.engine.callbacks import TrainingCallbackLocation
+
+    for step in range(start, start + 7):
+        for callback in trainer.callbacks:  # as the trainer runs them before each iteration (sets the model's step)
+            callback.run_callback_at_location(step, location=TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
+        _, losses, metrics = trainer.pipeline.get_train_loss_dict(step)
+        assert ("psnr" in metrics) == (step in logged), step
+        assert {"main_loss", "lpips_loss"} <= set(losses)  # the loss itself is there on every step
+    assert len(logged) >= 2
+    _, _, metrics = trainer.pipeline.get_eval_loss_dict(start + 1)  # evaluation always gets its metrics
+    assert "psnr" in metrics
+
+
 def test_set_up_does_not_wait_for_the_first_checkpoint_and_no_edit_is_stored_before_it(
     scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path, monkeypatch
 ):
