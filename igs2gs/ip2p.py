@@ -18,7 +18,7 @@ import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, Hashable, List, Optional, Sequence, Set, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, Hashable, List, Literal, Optional, Sequence, Set, Tuple, Union, get_args
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,9 @@ if TYPE_CHECKING:
     from diffusers import StableDiffusionInstructPix2PixPipeline
 
 DEFAULT_MODEL = "timbrooks/instruct-pix2pix"
+PackageUse = Literal["compile", "cached", "off"]
+"""How an editor uses compiled packages (``aot_package``): compile those missing, use only those on disk, or none."""
+PACKAGE_USES: Tuple[str, ...] = get_args(PackageUse)
 # Peak activation memory of one 512x512 edit (three CFG branches) with SD-1.5 in half precision,
 # measured on an H100: 6.70 GB at batch 8 and 11.0 GB at batch 16 over 2.39 GB of weights.
 EDIT_BYTES_512 = 0.55e9
@@ -172,9 +175,8 @@ class InstructPix2Pix:
         max_batch_size: Optional[int] = None,
         cache_conditioning: bool = True,
         vae_batch_size: int = 4,
-        compile_unet: bool = False,
+        packages: "PackageUse" = "off",
         cudnn_benchmark: bool = False,
-        compile_missing: bool = True,
     ) -> None:
         from diffusers import DDIMScheduler
 
@@ -191,8 +193,8 @@ class InstructPix2Pix:
         # A compiled editor runs the UNet (>95% of an edit's FLOPs) and the VAE from packages for one batch shape
         # (``aot_package``), made by ``prepare_compiled`` or else at its first batch: ``fixed_batch`` (set by
         # ``prepare_compiled`` or the first batch) pads smaller batches to it.
-        self.compiled = compile_unet
-        self.compile_missing = compile_missing
+        self.compiled = packages != "off"
+        self.compile_missing = packages == "compile"
         """Compile the packages not yet on disk (minutes); off: use those an earlier run compiled, else edit eagerly."""
         # part name -> its package; the others run eagerly. Packaging is tried once: it either gives the UNet one
         # or turns ``compiled`` off.
@@ -221,9 +223,8 @@ class InstructPix2Pix:
         max_batch_size: Optional[int] = None,
         cache_conditioning: bool = True,
         vae_batch_size: int = 4,
-        compile_unet: bool = False,
+        packages: "PackageUse" = "off",
         cudnn_benchmark: bool = False,
-        cached_packages: bool = False,
     ) -> "InstructPix2Pix":
         """Load ``model`` (hub id or local folder) onto ``device``.
 
@@ -231,20 +232,21 @@ class InstructPix2Pix:
         ``attention_slicing`` trades speed for memory. Both are off by default: SDPA and a
         resident model are what make batched edits fast. ``vae_batch_size`` caps how many images
         the VAE encodes or decodes at once (its 512² activations, not the UNet's, set the peak);
-        ``compile_unet`` runs the UNet and the VAE from ahead-of-time compiled packages for the first batch
+        ``packages="compile"`` runs the UNet and the VAE from ahead-of-time compiled packages for the first batch
         shape it edits (compiled once in minutes, then loaded from disk in seconds: ``aot_package``; CUDA only,
         not with ``cpu_offload``, which moves the weights those packages read; on CUDA its UNet and VAE weights stay
         allocated until the process ends, even after the editor is gone (``aot_package._bind``): load one compiled
-        editor per process and keep it);
-        ``cached_packages`` runs them from packages only where an earlier run compiled them (never compiles; off
-        with ``cpu_offload``), else eagerly;
+        editor per process and keep it); ``"cached"`` runs them from packages only where an earlier run compiled
+        them (never compiles; eager with ``cpu_offload``), else eagerly; ``"off"`` always edits eagerly;
         ``cudnn_benchmark`` keeps cuDNN's benchmark mode (if on) for the editor, which otherwise edits
         with cuDNN's heuristics (``cudnn_heuristics``).
         """
         device = torch.device(device)
-        if compile_unet and cpu_offload:
+        if packages not in PACKAGE_USES:
+            raise ValueError(f"packages must be one of {PACKAGE_USES}, not {packages!r}")
+        if packages == "compile" and cpu_offload:
             raise ValueError(
-                "compile_unet and cpu_offload cannot be combined: the compiled packages read the weights where they "
+                "packages='compile' and cpu_offload cannot be combined: the compiled packages read the weights where they "
                 "were at load, and offloading moves them (--pipeline.ip2p-compile / --pipeline.ip2p-cpu-offload)"
             )
         if device.type == "cpu" and dtype != torch.float32:
@@ -259,8 +261,9 @@ class InstructPix2Pix:
             pipe.to(device)
         for module in (pipe.unet, pipe.vae, pipe.text_encoder):
             module.requires_grad_(False).eval()
-        compiled = device.type == "cuda" and (compile_unet or (cached_packages and not cpu_offload))
-        return cls(pipe, device, max_batch_size, cache_conditioning, vae_batch_size, compiled, cudnn_benchmark, compile_unet)
+        if device.type != "cuda" or cpu_offload:
+            packages = "off"  # packages are compiled for CUDA, against weights that stay where they were loaded
+        return cls(pipe, device, max_batch_size, cache_conditioning, vae_batch_size, packages, cudnn_benchmark)
 
     # ----------------------------------------------------------------------------------- caches
     @torch.no_grad()
@@ -539,7 +542,7 @@ class InstructPix2Pix:
     def warm_up(self, batch: int, height: int, width: int, prompt: str, diffusion_steps: int = 1) -> float:
         """One throw-away edit of ``batch`` random views of this size; returns its seconds.
 
-        It pays the first-use costs of that batch shape (cuDNN/cuBLAS set-up; with ``compile_unet``,
+        It pays the first-use costs of that batch shape (cuDNN/cuBLAS set-up; with packages,
         loading the compiled packages or compiling them), so that they happen at set-up rather
         than in the first sweep. A compiled editor not yet ``prepare_compiled`` must warm up in the
         main thread (export and compilation are not thread-safe); others may warm up in any. The

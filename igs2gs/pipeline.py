@@ -174,8 +174,7 @@ class IGS2GSPipeline(VanillaPipeline):
             dtype=torch.float32 if self.config.ip2p_use_full_precision else torch.float16,
             cpu_offload=self.config.ip2p_cpu_offload,
             max_batch_size=self.config.ip2p_max_batch_size,
-            compile_unet=bool(self.config.ip2p_compile),
-            cached_packages=self.config.ip2p_compile is None,
+            packages={True: "compile", None: "cached", False: "off"}[self.config.ip2p_compile],
         )
 
     def _full_sweep_batches(self) -> Tuple[List[Tuple[int, int]], List[List[int]]]:

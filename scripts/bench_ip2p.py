@@ -46,8 +46,8 @@ VARIANTS = {  # row name -> from_pretrained arguments, given the --dtype
     "eager": lambda dtype: dict(dtype=dtype),
     "autotuned": lambda dtype: dict(dtype=dtype, cudnn_benchmark=True),
     "bfloat16": lambda dtype: dict(dtype=torch.bfloat16),
-    "compiled": lambda dtype: dict(dtype=dtype, compile_unet=True),
-    "compiled_vae8": lambda dtype: dict(dtype=dtype, compile_unet=True, vae_batch_size=8),
+    "compiled": lambda dtype: dict(dtype=dtype, packages="compile"),
+    "compiled_vae8": lambda dtype: dict(dtype=dtype, packages="compile", vae_batch_size=8),
 }
 
 

@@ -67,7 +67,7 @@ import torch
 from igs2gs.ip2p import InstructPix2Pix
 model, prompt, batch, height, width = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:])
 started = time.perf_counter()
-editor = InstructPix2Pix.from_pretrained(model, device="cuda", compile_unet=True)
+editor = InstructPix2Pix.from_pretrained(model, device="cuda", packages="compile")
 editor.prepare_compiled(batch, height, width, prompt)
 print(f"packages for batch {batch} {width}x{height}: {sorted(editor._packages)} in {time.perf_counter() - started:.1f} s")
 PY

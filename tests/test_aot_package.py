@@ -240,7 +240,7 @@ def test_by_default_a_package_folder_that_cannot_be_read_means_eager_editing(par
 
 
 def test_packages_from_the_disk_only_are_cuda_only_and_need_no_refusal_beside_cpu_offload(tiny_ip2p_dir):
-    editor = InstructPix2Pix.from_pretrained(str(tiny_ip2p_dir), device="cpu", cached_packages=True, cpu_offload=True)
+    editor = InstructPix2Pix.from_pretrained(str(tiny_ip2p_dir), device="cpu", packages="cached", cpu_offload=True)
     assert not editor.compiled and not editor.compile_missing
 
 
@@ -317,7 +317,7 @@ def test_other_threads_run_while_a_cuda_package_waits_for_the_gpu(tmp_path):
 
 def test_compiling_with_cpu_offload_is_refused_before_loading(tmp_path):
     with pytest.raises(ValueError, match="cannot be combined"):
-        InstructPix2Pix.from_pretrained(str(tmp_path / "never read"), device="cuda", compile_unet=True, cpu_offload=True)
+        InstructPix2Pix.from_pretrained(str(tmp_path / "never read"), device="cuda", packages="compile", cpu_offload=True)
 
 
 def test_package_key_follows_the_inputs_and_architecture_not_the_weights(eager, part_inputs):
@@ -347,3 +347,8 @@ def test_a_package_reads_inputs_of_any_strides(compiled, part_inputs):
     assert not strided.is_contiguous()
     with torch.no_grad():
         assert (editor._decoder_call(strided) - call(latents)).abs().max() < 1e-4
+
+
+def test_an_unknown_package_use_is_refused_before_loading(tmp_path):
+    with pytest.raises(ValueError, match="packages must be one of .'compile', 'cached', 'off'., not 'True'"):
+        InstructPix2Pix.from_pretrained(str(tmp_path / "never read"), device="cuda", packages="True")

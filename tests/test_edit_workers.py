@@ -119,8 +119,8 @@ def test_compiled_editors_prepare_their_package_at_set_up_in_the_main_thread(sce
 
     def load_as_compiled(*args, **kwargs):
         editor = real_load(*args, **kwargs)
-        editor.compiled = kwargs["compile_unet"]  # from_pretrained compiles on CUDA only
-        editor.compile_missing = kwargs["compile_unet"]
+        editor.compiled = kwargs["packages"] != "off"  # from_pretrained uses packages on CUDA only
+        editor.compile_missing = kwargs["packages"] == "compile"
         return editor
 
     def prepare_compiled(editor, batch, height, width, prompt):
@@ -153,9 +153,9 @@ def test_by_default_editors_look_for_packages_an_earlier_run_compiled_and_edit_e
     real_load = InstructPix2Pix.from_pretrained
 
     def load_on_cuda(*args, **kwargs):
-        loaded.append((kwargs["compile_unet"], kwargs["cached_packages"]))
+        loaded.append(kwargs["packages"])
         editor = real_load(*args, **kwargs)
-        editor.compiled = kwargs["compile_unet"] or kwargs["cached_packages"]  # as from_pretrained does on CUDA
+        editor.compiled = kwargs["packages"] != "off"  # as from_pretrained does on CUDA
         return editor
 
     def prepare_compiled(editor, batch, height, width, prompt):
@@ -166,7 +166,7 @@ def test_by_default_editors_look_for_packages_an_earlier_run_compiled_and_edit_e
     monkeypatch.setattr(InstructPix2Pix, "prepare_compiled", prepare_compiled)
     trainer = make_trainer(scene_dir, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, f"compile-{ip2p_compile}",
                            ip2p_compile=ip2p_compile, ip2p_max_batch_size=4)
-    assert loaded == [(False, ip2p_compile is None)]
+    assert loaded == ["cached" if ip2p_compile is None else "off"]
     assert prepared == ([(3, False)] if ip2p_compile is None else [])
     editor = trainer.pipeline.editor
     assert not editor.compiled and editor.fixed_batch is None

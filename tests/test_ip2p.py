@@ -356,7 +356,7 @@ def test_compiled_editor_pads_to_its_batch_and_edits_as_the_eager_one(tiny_ip2p_
 
     monkeypatch.setenv("IGS2GS_PACKAGE_DIR", str(tmp_path))
     eager = InstructPix2Pix.from_pretrained(str(tiny_ip2p_dir), device="cuda", dtype=torch.float32)
-    compiled = InstructPix2Pix.from_pretrained(str(tiny_ip2p_dir), device="cuda", dtype=torch.float32, compile_unet=True)
+    compiled = InstructPix2Pix.from_pretrained(str(tiny_ip2p_dir), device="cuda", dtype=torch.float32, packages="compile")
     compiled.warm_up(4, 64, 64, PROMPT)
     assert compiled.fixed_batch == 4
     assert all(isinstance(compiled._packages.get(part), Packaged) for part in ("unet", "vae-encoder", "vae-decoder"))
