@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import BinaryIO, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
@@ -26,13 +26,17 @@ from PIL import Image
 STORE_DIRNAME = "igs2gs"
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a synced temporary file and a rename."""
+def write_atomically(path: Path, data: Union[bytes, Callable[[BinaryIO], None]]) -> None:
+    """Write ``data`` (bytes, or a function that writes into the open file) to ``path`` via a synced temporary file
+    and a rename; a failed write leaves the old file, if any, and no temporary one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as file:
-            file.write(data)
+            if callable(data):
+                data(file)
+            else:
+                file.write(data)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)

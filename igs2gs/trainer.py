@@ -376,8 +376,9 @@ class IGS2GSTrainer(Trainer):
         return {name: value for name, value in states.items() if name in self.optimizers.optimizers}
 
     def save_checkpoint(self, step: int) -> None:
-        """Like nerfstudio's, but loadable with ``weights_only=True``, written to a temporary file
-        then renamed (a kill never leaves half a checkpoint), and written in the background:
+        """Like nerfstudio's, but loadable with ``weights_only=True``, written to a temporary file,
+        synced, then renamed (neither a kill nor a crash of the machine leaves half a checkpoint, and the older one is
+        deleted only once the new one is on disk), and written in the background:
         training waits only for the copy of the state to pinned memory to be queued (a 474k-splat
         checkpoint with its Adam state is ~340 MB, about a second to write). ``wait_for_checkpoint``
         waits for the file."""
@@ -404,9 +405,7 @@ class IGS2GSTrainer(Trainer):
             event.synchronize()
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         path = self.checkpoint_dir / f"step-{step:09d}.ckpt"
-        temporary = path.with_name(f".{path.name}.tmp")
-        torch.save(state, temporary)
-        os.replace(temporary, path)
+        write_atomically(path, lambda file: torch.save(state, file))  # synced before the older checkpoints go
         if self.config.save_only_latest_checkpoint:
             for old in self.checkpoint_dir.glob("step-*.ckpt"):
                 if old != path:

@@ -104,6 +104,42 @@ def test_checkpoint_written_in_the_background_holds_the_state_of_its_step(scene_
     assert not list(trainer.checkpoint_dir.glob(".*.tmp"))
 
 
+def test_a_failed_checkpoint_write_keeps_the_last_checkpoint_and_leaves_no_partial_file(
+    scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path, monkeypatch
+):
+    """A full disk mid-write: the error reaches the trainer, the previous checkpoint stays, no temporary file remains;
+    a written checkpoint is synced to disk before the older one is deleted."""
+    import errno
+
+    import igs2gs.edit_store
+
+    trainer = make_trainer(scene_dir, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, "failed-save")
+    trainer.wait_for_checkpoint()  # the loaded scene's, written beside set-up
+    (loaded,) = [path.name for path in trainer.checkpoint_dir.iterdir()]
+    first, second = trainer._start_step, trainer._start_step + 1
+    events, real_fsync, real_unlink = [], os.fsync, Path.unlink
+    monkeypatch.setattr(igs2gs.edit_store.os, "fsync", lambda fd: events.append("fsync") or real_fsync(fd))
+    monkeypatch.setattr(Path, "unlink", lambda path, **kw: events.append(f"unlink {path.name}") or real_unlink(path, **kw))
+    trainer.save_checkpoint(first)
+    trainer.save_checkpoint(second)
+    trainer.wait_for_checkpoint()
+    assert events == ["fsync", f"unlink {loaded}", "fsync", f"unlink step-{first:09d}.ckpt"]
+
+    real_save = torch.save
+
+    def disk_full(state, file):
+        file.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    trainer.save_checkpoint(second + 1)
+    with pytest.raises(OSError, match="No space left"):
+        trainer.wait_for_checkpoint()
+    monkeypatch.setattr(torch, "save", real_save)
+    assert sorted(path.name for path in trainer.checkpoint_dir.iterdir()) == [f"step-{second:09d}.ckpt"]
+    assert torch.load(trainer.checkpoint_dir / f"step-{second:09d}.ckpt", map_location="cpu", weights_only=True)["step"] == second
+
+
 def test_export_and_render_work_without_the_editor(edited_run, private_ip2p, tmp_path):
     run, _ = edited_run
     shutil.rmtree(private_ip2p)  # an export or render that tried to load IP2P would now fail
