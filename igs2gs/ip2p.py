@@ -175,7 +175,7 @@ class InstructPix2Pix:
         max_batch_size: Optional[int] = None,
         cache_conditioning: bool = True,
         vae_batch_size: int = 4,
-        packages: "PackageUse" = "off",
+        packages: PackageUse = "off",
         cudnn_benchmark: bool = False,
     ) -> None:
         from diffusers import DDIMScheduler
@@ -223,7 +223,7 @@ class InstructPix2Pix:
         max_batch_size: Optional[int] = None,
         cache_conditioning: bool = True,
         vae_batch_size: int = 4,
-        packages: "PackageUse" = "off",
+        packages: PackageUse = "off",
         cudnn_benchmark: bool = False,
     ) -> "InstructPix2Pix":
         """Load ``model`` (hub id or local folder) onto ``device``.

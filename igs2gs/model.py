@@ -21,8 +21,8 @@ from torch import Tensor, nn
 
 from igs2gs.graphed_loss import GraphedLoss
 from nerfstudio.cameras.cameras import Cameras
-from nerfstudio.utils.misc import step_check
 from nerfstudio.models.splatfacto import RGB2SH, SplatfactoModel, SplatfactoModelConfig
+from nerfstudio.utils.misc import step_check
 
 
 class LPIPSUnavailableError(RuntimeError):
