@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements of the README in three commands of under ten minutes each, on one CUDA machine with igs2gs
+# The GPU measurements of the README in commands of under ten minutes each (prepare first), on one CUDA machine with igs2gs
 # and its dependencies installed. Results (logs, JSON) go to $RESULTS (default: outputs/gpu_bench/results).
 #
 #   bash scripts/gpu_bench.sh prepare DATA   # random sd15 editor; in parallel: splatfacto 15k reconstruction,
@@ -8,6 +8,8 @@
 #                                            # projection), the same with --pipeline.overlap-edits, and eager
 #   bash scripts/gpu_bench.sh extra DATA     # the editor alone (bench_ip2p: reference-style, eager, packaged), and the
 #                                            # default edit with --gsplat-unchecked-inverse (A/B with edit's first run)
+#   bash scripts/gpu_bench.sh batch DATA     # the editor alone at another packaged batch, TRY_BATCH (default 19: 73
+#                                            # views in four batches instead of five of 15): s/edit and peak memory
 #
 # Work files stay in outputs/gpu_bench (keep the machine warm between the phases). BATCH, HEIGHT, WIDTH: the sweeps'
 # padded batch shape (stone_horse, 73 training views of 511x511: 15 511 511). REFERENCE_VIEWS: reference-style views
@@ -16,9 +18,9 @@
 #   source .device/env.sh > /dev/null && RESULTS=$OUT bash scripts/gpu_bench.sh prepare .device/data/stone_horse
 set -uo pipefail
 cd "$(dirname "$0")/.."
-usage="usage: gpu_bench.sh prepare|edit|extra DATA"
+usage="usage: gpu_bench.sh prepare|edit|extra|batch DATA"
 phase=${1:-}; data=${2:-}
-if [[ ! "$phase" =~ ^(prepare|edit|extra)$ || ! -d "$data" ]]; then
+if [[ ! "$phase" =~ ^(prepare|edit|extra|batch)$ || ! -d "$data" ]]; then
     echo "$usage (DATA: a nerfstudio scene folder)" >&2; exit 2
 fi
 work=outputs/gpu_bench
@@ -85,5 +87,11 @@ extra)
         --variants compiled --json "$results/ip2p.json" > "$results/ip2p.log" 2>&1
     echo "bench_ip2p: exit $?"; tail -n 12 "$results/ip2p.log"
     bench_edit cached_unchecked_inverse --compile cached --gsplat-unchecked-inverse
+    ;;
+batch)  # compiles the packages for this batch first (UNet 148-196 s on an H100)
+    try=${TRY_BATCH:-19}
+    python3 scripts/bench_ip2p.py --model "$editor" --views $((3 * try)) --batch-sizes "$try" --reference-views 1 \
+        --compile-batch "$try" --variants compiled --json "$results/ip2p_batch$try.json" > "$results/ip2p_batch$try.log" 2>&1
+    echo "bench_ip2p batch $try: exit $?"; tail -n 12 "$results/ip2p_batch$try.log"
     ;;
 esac

@@ -45,7 +45,7 @@ def test_gpu_bench_refuses_an_unknown_phase_or_a_missing_scene_before_doing_anyt
     script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_bench.sh"
     for args in (["measure", str(tmp_path)], ["prepare", str(tmp_path / "no scene")], []):
         result = subprocess.run(["bash", str(script), *args], capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "RESULTS": str(tmp_path / "r")})
-        assert result.returncode == 2 and "usage: gpu_bench.sh prepare|edit|extra DATA" in result.stderr, args
+        assert result.returncode == 2 and "usage: gpu_bench.sh prepare|edit|extra|batch DATA" in result.stderr, args
     assert not (tmp_path / "r").exists()
 
 
