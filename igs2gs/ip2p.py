@@ -280,10 +280,11 @@ class InstructPix2Pix:
 
     @torch.no_grad()
     def _condition(self, originals: Tensor, keys: Sequence[Hashable]) -> Tensor:
-        """The originals' VAE latents (distribution mode, unscaled), cached per key."""
+        """The originals' VAE latents (distribution mode, unscaled) at the UNet's size, cached per key: only the
+        originals not yet cached are resized and encoded."""
         missing = [i for i, key in enumerate(keys) if not self.cache_conditioning or key not in self._condition_latents]
         if missing:
-            latents = torch.cat([posterior.mode() for posterior in self._encode(originals[missing])])
+            latents = torch.cat([posterior.mode() for posterior in self._encode(self._at_unet_size(originals[missing]))])
             self.condition_encodings += len(missing)
             if not self.cache_conditioning:
                 return latents
@@ -520,7 +521,7 @@ class InstructPix2Pix:
         if not self.cache_conditioning:
             return
         with self._cudnn_mode():
-            self._condition(self._at_unet_size(originals.to(self.device)), keys)
+            self._condition(originals, keys)
 
     def _unet_size(self, height: int, width: int) -> Tuple[int, int]:
         """The size views of this size are edited at: the nearest multiple of the VAE's downscaling."""
@@ -605,7 +606,7 @@ class InstructPix2Pix:
 
         unet_height, unet_width = self._unet_size(height, width)
         resized = (unet_height, unet_width) != (height, width)
-        renders_in, originals_in = self._at_unet_size(renders), self._at_unet_size(originals)
+        renders_in = self._at_unet_size(renders)
 
         total = int(self.scheduler.config.num_train_timesteps)
         low, high = int(total * lower_bound), int(total * upper_bound)
@@ -613,7 +614,7 @@ class InstructPix2Pix:
         starts, vae_noise, noise = self._draw(count, latent_shape, low, high, generator)
         embeddings = self.encode_prompt(prompt)
         with self._cudnn_mode():
-            condition = self._condition(originals_in, cond_keys)
+            condition = self._condition(originals, cond_keys)
             edited = self._edit_in_batches(
                 renders_in, condition, starts, vae_noise, noise, embeddings=embeddings, guidance_scale=guidance_scale,
                 image_guidance_scale=image_guidance_scale, diffusion_steps=diffusion_steps,

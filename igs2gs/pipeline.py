@@ -153,8 +153,7 @@ class IGS2GSPipeline(VanillaPipeline):
 
             self.editors = [self._load_editor(device) for device in editor_devices(config, str(self.device))]
             if config.editor == "ip2p":
-                if config.ip2p_compile is not False:
-                    self._compile_editors()
+                self._compile_editors()
                 self.warm_up = self._warm_up_in_background()
             self.editor = self.editors[0]
             if len(self.editors) > 1 or config.overlap_edits:
@@ -187,12 +186,13 @@ class IGS2GSPipeline(VanillaPipeline):
         now, in this thread: export and compilation are not thread-safe, and overlapped or multi-device sweeps edit in
         threads. The shape is the largest batch of the most common view size, so the sweeps' evened batches pad little
         (73 views by 16: batches of 14-15 padded to 15, 75 rows edited, not 80)."""
+        compiled = [editor for editor in self.editors if getattr(editor, "compiled", False)]
+        if not compiled:
+            return
         sizes, groups = self._full_sweep_batches()
         (height, width), _ = Counter(sizes).most_common(1)[0]
         batch = max(len(group) for group in groups if sizes[group[0]] == (height, width))
-        for editor in self.editors:
-            if not getattr(editor, "compiled", False):
-                continue
+        for editor in compiled:
             doing = "Preparing" if editor.compile_missing else "Looking for"
             CONSOLE.log(f"{doing} the compiled InstructPix2Pix UNet and VAE on {editor.device} for batches of {batch} {width}x{height} views")
             editor.prepare_compiled(batch, height, width, self.prompt)
