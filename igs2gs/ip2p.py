@@ -82,11 +82,15 @@ def _is_out_of_memory(error: BaseException) -> bool:
 def _load_pipeline(model: str, dtype: torch.dtype) -> "StableDiffusionInstructPix2PixPipeline":
     """Load from a local directory, else the Hugging Face cache, else the hub; fail with a usable message."""
     from diffusers import StableDiffusionInstructPix2PixPipeline
+    from diffusers.pipelines import pipeline_utils
+
+    # diffusers renamed ``torch_dtype`` to ``dtype`` (the old name warns on every load); older releases know only the old
+    dtype_argument = "dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"
 
     def load(source: str, local_files_only: bool):
         return StableDiffusionInstructPix2PixPipeline.from_pretrained(
             source,
-            torch_dtype=dtype,
+            **{dtype_argument: dtype},
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,

@@ -34,6 +34,18 @@ def test_tiny_directory_round_trips_through_from_pretrained(tiny_ip2p_dir):
     assert len(pipe.tokenizer(PROMPT).input_ids) > 3
 
 
+def test_the_pipeline_loads_in_the_dtype_asked_for_without_a_deprecation_warning(tiny_ip2p_dir):
+    import warnings
+
+    from igs2gs.ip2p import _load_pipeline
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe = _load_pipeline(str(tiny_ip2p_dir), torch.float64)
+    assert pipe.unet.dtype == pipe.vae.dtype == pipe.text_encoder.dtype == torch.float64
+    assert not [w for w in caught if "dtype" in str(w.message)], [str(w.message) for w in caught]
+
+
 def test_edit_returns_images_of_the_input_shape_range_and_device(ip2p):
     renders, originals = images(2, 24, 40), images(2, 24, 40, seed=1)
     edited = ip2p.edit(renders, originals, PROMPT, diffusion_steps=3)
