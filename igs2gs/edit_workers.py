@@ -180,7 +180,7 @@ class WarmUp:
         self.shapes = list(shapes)
         self.seconds = 0.0
         self.error: Optional[str] = None
-        self._conditions = conditions
+        self._conditions = conditions or (lambda device: ())
         self._thread = threading.Thread(target=self._run, args=(list(editors), prompt), name="igs2gs-editor-warm-up", daemon=True)
         self._thread.start()
 
@@ -191,7 +191,7 @@ class WarmUp:
                 for editor in editors:
                     for batch, height, width in self.shapes:
                         editor.warm_up(batch, height, width, prompt)
-                    for views, originals in self._conditions(torch.device(editor.device)) if self._conditions else ():
+                    for views, originals in self._conditions(torch.device(editor.device)):
                         editor.encode_conditions(originals, views)
         except Exception as error:  # noqa: BLE001 - e.g. memory taken by another process: the sweep copes
             self.error = f"{type(error).__name__}: {error}"

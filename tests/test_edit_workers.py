@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Callable, List, Optional
 
 import pytest
 import torch
@@ -110,18 +111,28 @@ def test_pipeline_sweeps_on_two_cpu_replicas(scene_dir, splatfacto_run, tiny_ip2
     assert 0 < timings["fastest_batch_edit_s"] <= timings["slowest_batch_edit_s"] < timings["edit_s"]
 
 
+def loading_as_on_cuda(packages_asked: Optional[List[str]] = None) -> Callable[..., InstructPix2Pix]:
+    """``InstructPix2Pix.from_pretrained`` on the CPU, its editor set to use packages as it would be on CUDA (where
+    from_pretrained keeps its ``packages`` argument); each call's ``packages`` is appended to ``packages_asked``."""
+    real_load = InstructPix2Pix.from_pretrained
+
+    def load(*args, **kwargs) -> InstructPix2Pix:
+        if packages_asked is not None:
+            packages_asked.append(kwargs["packages"])
+        editor = real_load(*args, **kwargs)
+        editor.compiled = kwargs["packages"] != "off"
+        editor.compile_missing = kwargs["packages"] == "compile"
+        return editor
+
+    return load
+
+
 def test_compiled_editors_prepare_their_package_at_set_up_in_the_main_thread(scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path, monkeypatch):
     """Export and compilation are not thread-safe: each compiled editor loads or compiles its packages before
     editor threads start, for the shape the sweeps will use (their largest batch, the views' size); its warm-up then
     runs beside set-up as an eager editor's does."""
     prepared, warmed = [], []
-    real_load = InstructPix2Pix.from_pretrained
-
-    def load_as_compiled(*args, **kwargs):
-        editor = real_load(*args, **kwargs)
-        editor.compiled = kwargs["packages"] != "off"  # from_pretrained uses packages on CUDA only
-        editor.compile_missing = kwargs["packages"] == "compile"
-        return editor
+    load_as_compiled = loading_as_on_cuda()
 
     def prepare_compiled(editor, batch, height, width, prompt):
         prepared.append((editor.device.type, batch, height, width, threading.current_thread() is threading.main_thread()))
@@ -150,13 +161,7 @@ def test_by_default_editors_look_for_packages_an_earlier_run_compiled_and_edit_e
     """``--pipeline.ip2p-compile`` left at None: the editors load the sweeps' packages if they are on disk (compiling
     nothing); without them they edit eagerly, unpadded. False: they never look."""
     loaded, prepared = [], []
-    real_load = InstructPix2Pix.from_pretrained
-
-    def load_on_cuda(*args, **kwargs):
-        loaded.append(kwargs["packages"])
-        editor = real_load(*args, **kwargs)
-        editor.compiled = kwargs["packages"] != "off"  # as from_pretrained does on CUDA
-        return editor
+    load_on_cuda = loading_as_on_cuda(loaded)
 
     def prepare_compiled(editor, batch, height, width, prompt):
         prepared.append((batch, editor.compile_missing))
