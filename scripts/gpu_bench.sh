@@ -6,6 +6,9 @@
 #                                            # the GPU tests, the editor's packages for the sweeps' batch shape
 #   bash scripts/gpu_bench.sh edit DATA      # whole edits: packages from disk (the default, with the reference-style
 #                                            # projection), the same with --pipeline.overlap-edits, and eager
+#                                            # (EDITS: which of cached, cached_overlap, off; default all three)
+#   bash scripts/gpu_bench.sh reconstruct DATA  # splatfacto 15k of a second scene alone, for its `edit` (e.g. ~100 views:
+#                                            # python3 scripts/make_scene.py outputs/scene100 --views 100 --size 512)
 #   bash scripts/gpu_bench.sh extra DATA     # the editor alone (bench_ip2p: reference-style, eager, packaged), and the
 #                                            # default edit with --gsplat-unchecked-inverse (A/B with edit's first run)
 #   bash scripts/gpu_bench.sh batch DATA     # the editor alone at another packaged batch, TRY_BATCH (default 19: 73
@@ -18,9 +21,9 @@
 #   source .device/env.sh > /dev/null && RESULTS=$OUT bash scripts/gpu_bench.sh prepare .device/data/stone_horse
 set -uo pipefail
 cd "$(dirname "$0")/.."
-usage="usage: gpu_bench.sh prepare|edit|extra|batch DATA"
+usage="usage: gpu_bench.sh prepare|edit|extra|batch|reconstruct DATA"
 phase=${1:-}; data=${2:-}
-if [[ ! "$phase" =~ ^(prepare|edit|extra|batch)$ || ! -d "$data" ]]; then
+if [[ ! "$phase" =~ ^(prepare|edit|extra|batch|reconstruct)$ || ! -d "$data" ]]; then
     echo "$usage (DATA: a nerfstudio scene folder)" >&2; exit 2
 fi
 work=outputs/gpu_bench
@@ -28,6 +31,7 @@ results=${RESULTS:-$work/results}
 mkdir -p "$work" "$results"
 export IGS2GS_PACKAGE_DIR=${IGS2GS_PACKAGE_DIR:-$PWD/$work/packages} PYTHONUNBUFFERED=1
 editor=$work/sd15
+scene=$(basename "$data")  # nerfstudio names a run's folder after its data folder
 prompt="turn the horse into a giraffe"
 
 # An installation made with byte-code (as pip makes one by default) imports without compiling thousands of modules:
@@ -40,9 +44,9 @@ for folder in [*sys.path]:
 PY
 
 bench_edit() {  # NAME ARGS...: one whole edit of the reconstructed scene, its JSON and log under NAME, a summary printed
-    local name=$1 load_dir
+    local name=${scene}_$1 load_dir
     shift
-    load_dir=$(ls -d "$work"/*/splatfacto/*/nerfstudio_models | tail -n 1)
+    load_dir=$(ls -d "$work/$scene"/splatfacto/*/nerfstudio_models | tail -n 1)
     python3 scripts/bench_edit.py --data "$data" --load-dir "$load_dir" --ip2p-model "$editor" --vis viewer \
         --output-dir "$work/edits" --json "$results/edit_$name.json" "$@" > "$results/edit_$name.log" 2>&1
     echo "edit ($name): exit $?"
@@ -58,7 +62,7 @@ PY
 case "$phase" in
 prepare)
     # The reconstruction is the long pole (330-480 s on an H100 beside the rest): started first.
-    python3 scripts/reconstruct.py --data "$data" --output-dir "$work" --steps 15000 --device cuda > "$results/reconstruct.log" 2>&1 &
+    python3 scripts/reconstruct.py --data "$data" --output-dir "$work" --steps 15000 --device cuda > "$results/reconstruct_$scene.log" 2>&1 &
     reconstruction=$!
     python3 -m pytest -m gpu tests -q -p no:cacheprovider > "$results/gpu_tests.log" 2>&1 &
     tests=$!
@@ -75,12 +79,21 @@ print(f"packages for batch {batch} {width}x{height}: {sorted(editor._packages)} 
 PY
     echo "packages: exit $?"; tail -n 2 "$results/packages.log"
     wait "$tests"; echo "gpu tests: exit $?"; tail -n 3 "$results/gpu_tests.log"
-    wait "$reconstruction"; echo "reconstruction: exit $?"; tail -n 2 "$results/reconstruct.log"
+    wait "$reconstruction"; echo "reconstruction: exit $?"; tail -n 2 "$results/reconstruct_$scene.log"
     ;;
 edit)
-    bench_edit cached --compile cached --reference-views "${REFERENCE_VIEWS:-2}"
-    bench_edit cached_overlap --compile cached --overlap
-    bench_edit off --compile off
+    for run in ${EDITS:-cached cached_overlap off}; do
+        case "$run" in
+        cached) bench_edit cached --compile cached --reference-views "${REFERENCE_VIEWS:-2}" ;;
+        cached_overlap) bench_edit cached_overlap --compile cached --overlap ;;
+        off) bench_edit off --compile off ;;
+        *) echo "unknown run in EDITS: $run" >&2 ;;
+        esac
+    done
+    ;;
+reconstruct)
+    python3 scripts/reconstruct.py --data "$data" --output-dir "$work" --steps 15000 --device cuda > "$results/reconstruct_$scene.log" 2>&1
+    echo "reconstruction: exit $?"; tail -n 2 "$results/reconstruct_$scene.log"
     ;;
 extra)
     python3 scripts/bench_ip2p.py --model "$editor" --views 45 --batch-sizes 15 --reference-views 2 --compile-batch 15 \
