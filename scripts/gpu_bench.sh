@@ -26,6 +26,9 @@ phase=${1:-}; data=${2:-}
 if [[ ! "$phase" =~ ^(prepare|edit|extra|batch|reconstruct)$ || ! -d "$data" ]]; then
     echo "$usage (DATA: a nerfstudio scene folder)" >&2; exit 2
 fi
+for run in ${EDITS:-}; do
+    [[ "$run" =~ ^(cached|cached_overlap|off)$ ]] || { echo "$usage (EDITS: some of cached cached_overlap off, not $run)" >&2; exit 2; }
+done
 work=outputs/gpu_bench
 results=${RESULTS:-$work/results}
 mkdir -p "$work" "$results"
@@ -87,7 +90,6 @@ edit)
         cached) bench_edit cached --compile cached --reference-views "${REFERENCE_VIEWS:-2}" ;;
         cached_overlap) bench_edit cached_overlap --compile cached --overlap ;;
         off) bench_edit off --compile off ;;
-        *) echo "unknown run in EDITS: $run" >&2 ;;
         esac
     done
     ;;

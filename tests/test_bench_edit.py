@@ -41,11 +41,13 @@ def test_bench_ip2p_refuses_a_run_without_reference_views_before_anything_loads(
     assert "--reference-views must be at least 1" in result.stderr
 
 
-def test_gpu_bench_refuses_an_unknown_phase_or_a_missing_scene_before_doing_anything(tmp_path):
+def test_gpu_bench_refuses_an_unknown_phase_or_run_or_a_missing_scene_before_doing_anything(tmp_path):
     script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_bench.sh"
-    for args in (["measure", str(tmp_path)], ["prepare", str(tmp_path / "no scene")], []):
-        result = subprocess.run(["bash", str(script), *args], capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "RESULTS": str(tmp_path / "r")})
-        assert result.returncode == 2 and "usage: gpu_bench.sh prepare|edit|extra|batch DATA" in result.stderr, args
+    for args, edits in ((["measure", str(tmp_path)], ""), (["prepare", str(tmp_path / "no scene")], ""), ([], ""), (["edit", str(tmp_path)], "cached eager")):
+        environment = {"PATH": "/usr/bin:/bin", "RESULTS": str(tmp_path / "r"), "EDITS": edits}
+        result = subprocess.run(["bash", str(script), *args], capture_output=True, text=True, timeout=60, env=environment)
+        assert result.returncode == 2 and "usage: gpu_bench.sh prepare|edit|extra|batch|reconstruct DATA" in result.stderr, args
+    assert "not eager" in result.stderr
     assert not (tmp_path / "r").exists()
 
 
