@@ -1,6 +1,7 @@
 """Run by ``test_aot_package`` in a process of its own (a crash in torch's package loader then fails one test, not
 the whole GPU run): how fast a thread counts while the main thread sleeps, and while it makes sixteen calls of a
-package compiled and bound as the editor's parts are. Prints JSON.
+package made as the editor makes its parts' (a tiny random IP2P loaded by ``InstructPix2Pix``, its prompt encoded
+eagerly, then ``packaged``: compiled, loaded and bound). Prints JSON.
 
     python tests/package_wait_probe.py FOLDER cuda|cpu
 """
@@ -16,20 +17,12 @@ from typing import Callable
 
 import torch
 
-import igs2gs.aot_package as aot_package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
+from make_random_ip2p import make_random_ip2p  # noqa: E402
 
-class Heavy(torch.nn.Module):
-    """Sixteen 3x3 convolutions: 4.9 TFLOP a call at the CUDA size (~10 ms on an H100)."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.convs = torch.nn.ModuleList(torch.nn.Conv2d(channels, channels, 3, padding=1) for _ in range(16))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for conv in self.convs:
-            x = torch.nn.functional.silu(conv(x))
-        return x
+from igs2gs.aot_package import VAEDecoderCall, packaged  # noqa: E402
+from igs2gs.ip2p import InstructPix2Pix  # noqa: E402
 
 
 def counting(seconds_or_work: Callable[[], object]) -> float:
@@ -52,21 +45,22 @@ def counting(seconds_or_work: Callable[[], object]) -> float:
 
 def main(folder: Path, device: str) -> None:
     on_cuda = device == "cuda"
-    channels, batch, side, dtype = (256, 16, 128, torch.float16) if on_cuda else (8, 1, 16, torch.float32)
-    model = Heavy(channels).to(device, dtype).requires_grad_(False)
-    x = torch.randn(batch, channels, side, side, device=device, dtype=dtype)
+    # The tiny VAE's decoder at 1024x1024 (latents of 128x128), 16 at a time: tens of ms of GPU work a call on CUDA.
+    batch, side, dtype = (16, 128, torch.float16) if on_cuda else (1, 8, torch.float32)
+    editor = InstructPix2Pix.from_pretrained(str(make_random_ip2p(folder / "tiny-ip2p", shape="tiny")), device=device, dtype=dtype)
+    editor.encode_prompt("a probe")  # the text encoder runs eagerly before any package loads, as in an edit
+    call = VAEDecoderCall(editor.vae)
+    latents = torch.randn(batch, int(editor.vae.config.latent_channels), side, side, device=device, dtype=dtype)
     with torch.no_grad():
-        # Eagerly first, as the editor encodes its prompt before it loads packages: on the H100 machine (torch 2.11)
-        # loading packages of models that had not run eagerly in the process segfaulted it (three models tried).
-        expected = model(x)
-    path = folder / "heavy.pt2"
-    aot_package._compile(model, (x,), path)  # weights bound at load, as the editor's parts
-    heavy = aot_package._bind(path, model, (x,))
-    error = float((heavy(x) - expected).abs().max())
+        expected = call(latents)
+    heavy = packaged(call, (latents,), folder=folder / "packages")
+    if heavy is None:
+        sys.exit("the package could not be compiled or loaded (logged above)")
+    error = float((heavy(latents) - expected).abs().max())
     synchronize = torch.cuda.synchronize if on_cuda else (lambda: None)
     synchronize()
     alone = counting(lambda: time.sleep(0.2))
-    beside = counting(lambda: [heavy(x) for _ in range(16)] and synchronize())
+    beside = counting(lambda: [heavy(latents) for _ in range(16)] and synchronize())
     print(json.dumps({"alone": alone, "beside": beside, "max_error": error}))
 
 
