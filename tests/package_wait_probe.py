@@ -45,7 +45,8 @@ def counting(seconds_or_work: Callable[[], object]) -> float:
 
 def main(folder: Path, device: str) -> None:
     on_cuda = device == "cuda"
-    # The tiny VAE's decoder at 1024x1024 (latents of 128x128), 16 at a time: tens of ms of GPU work a call on CUDA.
+    # The tiny VAE's decoder to 1024x1024 (latents of 128x128), 16 at a time: milliseconds of GPU work a call on CUDA
+    # (gigabytes of activations read and written; estimated from its size, not timed).
     batch, side, dtype = (16, 128, torch.float16) if on_cuda else (1, 8, torch.float32)
     editor = InstructPix2Pix.from_pretrained(str(make_random_ip2p(folder / "tiny-ip2p", shape="tiny")), device=device, dtype=dtype)
     editor.encode_prompt("a probe")  # the text encoder runs eagerly before any package loads, as in an edit
@@ -53,14 +54,14 @@ def main(folder: Path, device: str) -> None:
     latents = torch.randn(batch, int(editor.vae.config.latent_channels), side, side, device=device, dtype=dtype)
     with torch.no_grad():
         expected = call(latents)
-    heavy = packaged(call, (latents,), folder=folder / "packages")
-    if heavy is None:
+    package = packaged(call, (latents,), folder=folder / "packages")
+    if package is None:
         sys.exit("the package could not be compiled or loaded (logged above)")
-    error = float((heavy(latents) - expected).abs().max())
+    error = float((package(latents) - expected).abs().max())
     synchronize = torch.cuda.synchronize if on_cuda else (lambda: None)
     synchronize()
     alone = counting(lambda: time.sleep(0.2))
-    beside = counting(lambda: [heavy(latents) for _ in range(16)] and synchronize())
+    beside = counting(lambda: [package(latents) for _ in range(16)] and synchronize())
     print(json.dumps({"alone": alone, "beside": beside, "max_error": error}))
 
 

@@ -294,7 +294,7 @@ def test_the_package_wait_probe_runs_its_package_as_the_eager_model(tmp_path):
 
 @pytest.mark.gpu
 def test_other_threads_run_while_a_cuda_package_waits_for_the_gpu(tmp_path):
-    """Sixteen package calls of tens of ms each: a thread counting beside them keeps most of its pace (with torch's
+    """Sixteen package calls of milliseconds each: a thread counting beside them keeps most of its pace (with torch's
     runner in its default mode each call waited for the one before with the GIL held, stopping training beside
     overlapped edits). The probe makes its package as the editor does: a probe of plain convolutions segfaulted in
     torch 2.11's package loader on the H100, whether or not it had run eagerly first."""
