@@ -177,3 +177,20 @@ class IGS2GSDataManager(FullImageDatamanager):
     @staticmethod
     def _as_float(image: Tensor) -> Tensor:
         return image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
+
+
+class CachedPhotos:
+    """The training photos as nerfstudio's ``Viewer.init_scene`` reads a dataset (its length, its cameras, each
+    item's float image [H, W, C]), from the datamanager's cache. The dataset itself decodes every photo from disk
+    again for the camera thumbnails, before the first training step (thumbnails of 90 512x512 PNGs on a 2-core CPU:
+    0.37 s from the dataset, 0.05 s from the cache; of 73 JPEGs 0.17-0.19 s and 0.07-0.12 s; more for larger photos)."""
+
+    def __init__(self, datamanager: IGS2GSDataManager) -> None:
+        self.cameras = datamanager.train_dataset.cameras
+        self._photos = datamanager.original_images
+
+    def __len__(self) -> int:
+        return len(self._photos)
+
+    def __getitem__(self, view: int) -> Dict[str, Tensor]:
+        return {"image": IGS2GSDataManager._as_float(self._photos[view])}

@@ -24,11 +24,12 @@ import numpy as np
 import torch
 import yaml
 
-from igs2gs.datamanager import unreadable_data
+from igs2gs.datamanager import CachedPhotos, unreadable_data
 from igs2gs.edit_store import STORE_DIRNAME, EditStore, write_atomically
 from igs2gs.pipeline import check_edit_settings, check_prompt
 from nerfstudio.engine.trainer import Trainer, TrainerConfig
 from nerfstudio.utils import writer
+from nerfstudio.utils.decorators import check_viewer_enabled
 from nerfstudio.utils.rich_utils import CONSOLE
 
 GAUSSIAN_KEY = "_model.gauss_params.means"
@@ -302,6 +303,15 @@ class IGS2GSTrainer(Trainer):
         # an edit starts at the loaded step (e.g. 30000), so count up to the step the edit ends at.
         writer.GLOBAL_BUFFER["max_iter"] = self.pipeline.edit_end_step
         self.pipeline.model.training_metrics_every = self.config.logging.steps_per_log
+
+    @check_viewer_enabled
+    def _init_viewer_state(self) -> None:
+        """nerfstudio's, with the cameras' thumbnails drawn from the photos the datamanager holds (``CachedPhotos``)."""
+        assert self.viewer_state is not None
+        datamanager = self.pipeline.datamanager
+        self.viewer_state.init_scene(
+            train_dataset=CachedPhotos(datamanager), train_state=self.training_state, eval_dataset=datamanager.eval_dataset
+        )
 
     def _train_dataparser_outputs(self):
         """The training split as the datamanager will parse it (poses and normalisation only, no images).

@@ -229,3 +229,31 @@ def test_an_edit_with_the_viewer_sets_up_with_the_icon_index(scene_dir, splatfac
     finally:
         trainer.viewer_state.viser_server.stop()
         trainer.wait_for_checkpoint()
+
+
+def test_the_viewer_draws_the_camera_thumbnails_from_the_cached_photos(scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path, monkeypatch):
+    """nerfstudio's viewer would decode every training photo from disk again before the first step."""
+    from nerfstudio.configs.base_config import ViewerConfig
+    from nerfstudio.data.datasets.base_dataset import InputDataset
+
+    viewer = ViewerConfig(websocket_port=free_port(), quit_on_train_completion=True)
+    trainer = make_trainer(
+        scene_dir, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, "thumbnails", trainer=dict(vis="viewer", viewer=viewer)
+    )
+    try:
+        dataset = trainer.pipeline.datamanager.train_dataset
+        # What nerfstudio's init_scene makes of its own source: (image * 255) as uint8.
+        expected = [(dataset[view]["image"] * 255).type(torch.uint8) for view in range(len(dataset))]
+        sources, real_init_scene = [], trainer.viewer_state.init_scene
+        monkeypatch.setattr(
+            trainer.viewer_state, "init_scene", lambda train_dataset, **rest: sources.append(train_dataset) or real_init_scene(train_dataset, **rest)
+        )
+        monkeypatch.setattr(InputDataset, "__getitem__", lambda self, index: pytest.fail("a photo was read from disk again"))
+        trainer._init_viewer_state()
+        (source,) = sources
+        assert source.cameras is dataset.cameras and len(source) == len(expected) == len(trainer.viewer_state.camera_handles)
+        for view, image in enumerate(expected):
+            assert torch.equal((source[view]["image"] * 255).type(torch.uint8).cpu(), image), view
+    finally:
+        trainer.viewer_state.viser_server.stop()
+        trainer.wait_for_checkpoint()
