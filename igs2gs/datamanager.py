@@ -38,6 +38,11 @@ def to_uint8(images: Tensor) -> Tensor:
     return (images.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
+def to_float(images: Tensor) -> Tensor:
+    """Cached images (uint8, or float as ``cache_images_type float32`` keeps them) as float in [0, 1]."""
+    return images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+
+
 class ViewCamera(Cameras):
     """One training view's camera, made once and handed out (shallow-copied) every time the view is drawn.
 
@@ -131,7 +136,7 @@ class IGS2GSDataManager(FullImageDatamanager):
 
     def over_background(self, image: Tensor) -> Tensor:
         """A cached image [H, W, 3 or 4] as float RGB [H, W, 3], composited over ``background`` if it has alpha."""
-        image = self._as_float(image)
+        image = to_float(image)
         if image.shape[-1] != 4:
             return image
         alpha = image[..., 3:]
@@ -168,15 +173,11 @@ class IGS2GSDataManager(FullImageDatamanager):
     def _with_photo_alpha(self, edit: Tensor, photo: Tensor) -> Tensor:
         """A uint8 edit drawn over ``background`` as uint8 straight RGBA with the photo's alpha: composited over
         ``background`` it is the edit again; over another colour, that colour shows where the photo is clear."""
-        alpha = self._as_float(photo[..., 3:]).to(edit.device)
+        alpha = to_float(photo[..., 3:]).to(edit.device)
         drawn = edit.float() / 255.0
         behind = (1 - alpha) * self.background.to(edit.device)
         colour = torch.where(alpha > 0, (drawn - behind) / alpha.clamp(min=1e-6), drawn)
         return torch.cat([to_uint8(colour), to_uint8(alpha)], dim=-1)
-
-    @staticmethod
-    def _as_float(image: Tensor) -> Tensor:
-        return image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
 
 
 class CachedPhotos:
@@ -193,4 +194,4 @@ class CachedPhotos:
         return len(self._photos)
 
     def __getitem__(self, view: int) -> Dict[str, Tensor]:
-        return {"image": IGS2GSDataManager._as_float(self._photos[view])}
+        return {"image": to_float(self._photos[view])}

@@ -26,8 +26,9 @@ phase=${1:-}; data=${2:-}
 if [[ ! "$phase" =~ ^(prepare|edit|extra|batch|reconstruct)$ || ! -d "$data" ]]; then
     echo "$usage (DATA: a nerfstudio scene folder)" >&2; exit 2
 fi
+edit_runs="cached cached_overlap off"  # edit's runs, all by default; EDITS picks some
 for run in ${EDITS:-}; do
-    [[ "$run" =~ ^(cached|cached_overlap|off)$ ]] || { echo "$usage (EDITS: some of cached cached_overlap off, not $run)" >&2; exit 2; }
+    [[ " $edit_runs " == *" $run "* ]] || { echo "$usage (EDITS: some of $edit_runs, not $run)" >&2; exit 2; }
 done
 work=outputs/gpu_bench
 results=${RESULTS:-$work/results}
@@ -45,6 +46,10 @@ for folder in [*sys.path]:
     if folder.endswith(("site-packages", "site")) or folder == "/tmp/site":
         compileall.compile_dir(folder, quiet=2, workers=0)
 PY
+
+reconstruct() {  # splatfacto 15k of the scene, its log under the scene's name
+    python3 scripts/reconstruct.py --data "$data" --output-dir "$work" --steps 15000 --device cuda > "$results/reconstruct_$scene.log" 2>&1
+}
 
 bench_edit() {  # NAME ARGS...: one whole edit of the reconstructed scene, its JSON and log under NAME, a summary printed
     local name=${scene}_$1 load_dir
@@ -65,7 +70,7 @@ PY
 case "$phase" in
 prepare)
     # The reconstruction is the long pole (330-480 s on an H100 beside the rest): started first.
-    python3 scripts/reconstruct.py --data "$data" --output-dir "$work" --steps 15000 --device cuda > "$results/reconstruct_$scene.log" 2>&1 &
+    reconstruct &
     reconstruction=$!
     python3 -m pytest -m gpu tests -q -p no:cacheprovider > "$results/gpu_tests.log" 2>&1 &
     tests=$!
@@ -85,7 +90,7 @@ PY
     wait "$reconstruction"; echo "reconstruction: exit $?"; tail -n 2 "$results/reconstruct_$scene.log"
     ;;
 edit)
-    for run in ${EDITS:-cached cached_overlap off}; do
+    for run in ${EDITS:-$edit_runs}; do
         case "$run" in
         cached) bench_edit cached --compile cached --reference-views "${REFERENCE_VIEWS:-2}" ;;
         cached_overlap) bench_edit cached_overlap --compile cached --overlap ;;
@@ -94,7 +99,7 @@ edit)
     done
     ;;
 reconstruct)
-    python3 scripts/reconstruct.py --data "$data" --output-dir "$work" --steps 15000 --device cuda > "$results/reconstruct_$scene.log" 2>&1
+    reconstruct
     echo "reconstruction: exit $?"; tail -n 2 "$results/reconstruct_$scene.log"
     ;;
 extra)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -13,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Iterator
 
 import pytest
 import torch
@@ -29,6 +31,23 @@ CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
     "--disable-component-update", "--disable-sync", "--disable-quic",
 ]
+
+
+@contextlib.contextmanager
+def trainer_with_viewer(scene_dir: Path, splatfacto_run: Path, ip2p: Path, output: Path) -> Iterator:
+    """A set-up igs2gs trainer with nerfstudio's viewer on a free port; the viewer stopped and checkpoints waited for
+    after."""
+    from nerfstudio.configs.base_config import ViewerConfig
+
+    viewer = ViewerConfig(websocket_port=free_port(), quit_on_train_completion=True)
+    trainer = make_trainer(
+        scene_dir, splatfacto_run / "nerfstudio_models", ip2p, output, "with-viewer", trainer=dict(vis="viewer", viewer=viewer)
+    )
+    try:
+        yield trainer
+    finally:
+        trainer.viewer_state.viser_server.stop()
+        trainer.wait_for_checkpoint()
 
 
 def test_viewer_requests_apply_at_the_next_edit_and_are_recorded(scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path):
@@ -215,32 +234,19 @@ def test_an_edit_with_the_viewer_sets_up_with_the_icon_index(scene_dir, splatfac
     import viser._icons
 
     from igs2gs.viewer_controls import indexed_svg_from_icon
-    from nerfstudio.configs.base_config import ViewerConfig
 
     for module in (viser._icons, viser._gui_api, viser._gui_handles):
         monkeypatch.setattr(module, "svg_from_icon", module.svg_from_icon)  # restored after the test
-    viewer = ViewerConfig(websocket_port=free_port(), quit_on_train_completion=True)
-    trainer = make_trainer(
-        scene_dir, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, "with-viewer", trainer=dict(vis="viewer", viewer=viewer)
-    )
-    try:
+    with trainer_with_viewer(scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path) as trainer:
         assert viser._gui_api.svg_from_icon is indexed_svg_from_icon  # installed before the viewer drew its GUI
         assert trainer.viewer_state is not None
-    finally:
-        trainer.viewer_state.viser_server.stop()
-        trainer.wait_for_checkpoint()
 
 
 def test_the_viewer_draws_the_camera_thumbnails_from_the_cached_photos(scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path, monkeypatch):
     """nerfstudio's viewer would decode every training photo from disk again before the first step."""
-    from nerfstudio.configs.base_config import ViewerConfig
     from nerfstudio.data.datasets.base_dataset import InputDataset
 
-    viewer = ViewerConfig(websocket_port=free_port(), quit_on_train_completion=True)
-    trainer = make_trainer(
-        scene_dir, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, "thumbnails", trainer=dict(vis="viewer", viewer=viewer)
-    )
-    try:
+    with trainer_with_viewer(scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path) as trainer:
         dataset = trainer.pipeline.datamanager.train_dataset
         # What nerfstudio's init_scene makes of its own source: (image * 255) as uint8.
         expected = [(dataset[view]["image"] * 255).type(torch.uint8) for view in range(len(dataset))]
@@ -254,6 +260,3 @@ def test_the_viewer_draws_the_camera_thumbnails_from_the_cached_photos(scene_dir
         assert source.cameras is dataset.cameras and len(source) == len(expected) == len(trainer.viewer_state.camera_handles)
         for view, image in enumerate(expected):
             assert torch.equal((source[view]["image"] * 255).type(torch.uint8).cpu(), image), view
-    finally:
-        trainer.viewer_state.viser_server.stop()
-        trainer.wait_for_checkpoint()
