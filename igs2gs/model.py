@@ -148,12 +148,20 @@ class IGS2GSModelConfig(SplatfactoModelConfig):
     """Reset opacities every this many refinements; the default never resets during an edit, which would blank the scene."""
 
 
+PLACEHOLDER_GAUSSIANS = 16
+"""Seed points the model is built from before the checkpoint's Gaussians replace them (splatfacto's set-up needs a few)."""
+
+
 class IGS2GSModel(SplatfactoModel):
     """Splatfacto with the Instruct-GS2GS loss and a rasterizer that also runs on CPU."""
 
     config: IGS2GSModelConfig
 
     def populate_modules(self) -> None:
+        if self.seed_points is not None:
+            # An igs2gs model always takes its Gaussians from a checkpoint (the scene to edit, or the edit itself):
+            # splatfacto's start from the seed points, a nearest-neighbour search over all of them, is thrown away.
+            self.seed_points = tuple(values[:PLACEHOLDER_GAUSSIANS] for values in self.seed_points)
         seed_colours = None
         if self.seed_points is not None and not torch.cuda.is_available():
             # splatfacto builds the SH from seed colours with .cuda(); give it none and set them below.

@@ -227,6 +227,25 @@ def test_optimizers_act_on_the_loaded_gaussians(scene_dir, splatfacto_run, tiny_
     assert writer.GLOBAL_BUFFER["max_iter"] == trainer.pipeline.edit_end_step == trainer._start_step - 1 + 7500  # the default length
 
 
+def test_the_model_is_built_from_a_few_seed_points_and_holds_the_checkpoints_gaussians(
+    scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path, monkeypatch
+):
+    """splatfacto's start from the scene's seed points (800 here) is replaced by the checkpoint's Gaussians: the
+    model's set-up searches the neighbours of a placeholder few, and the loaded Gaussians are the checkpoint's."""
+    from nerfstudio.models.splatfacto import SplatfactoModel
+
+    from igs2gs.model import PLACEHOLDER_GAUSSIANS
+
+    searched = []
+    k_nearest = SplatfactoModel.k_nearest_sklearn
+    monkeypatch.setattr(SplatfactoModel, "k_nearest_sklearn", lambda self, x, k: searched.append(len(x)) or k_nearest(self, x, k))
+    trainer = make_trainer(scene_dir, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, "seed")
+    assert searched == [PLACEHOLDER_GAUSSIANS]
+    saved = torch.load(latest_checkpoint(splatfacto_run), map_location="cpu", weights_only=False)["pipeline"]
+    for name in GAUSSIANS:
+        assert torch.equal(trainer.pipeline.model.gauss_params[name].detach().cpu(), saved[f"_model.gauss_params.{name}"]), name
+
+
 def test_training_metrics_are_computed_only_on_the_steps_the_trainer_logs(scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path):
     from nerfstudio.configs.base_config import LoggingConfig
 
