@@ -325,7 +325,11 @@ def main() -> None:
         help="cProfile from this many steps after the first, torch.profiler 100 steps after it (default: as the last steps). "
         "Profiling slows the steps after it: with windows at 300 steps, a 2500-step run's median step was 7.24 vs 5.63 ms unprofiled",
     )
-    parser.add_argument("--profile-setup", action="store_true", help="cProfile the set-up (main thread; it takes longer profiled): JSON setup_profile")
+    parser.add_argument(
+        "--profile-setup", action="store_true",
+        help="cProfile the set-up and the time from the start of training to its first step (main thread; it takes longer profiled): "
+        "JSON setup_profile, before_first_step_profile",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     if args.profile_steps > 0 and args.profile_from is None and 2 * args.profile_steps + 101 > args.steps:
@@ -361,11 +365,16 @@ def main() -> None:
     gaussians_at_load = trainer.pipeline.model.num_points
     step_starts: List[float] = []  # only the first is kept
     step_ends: List[float] = []
+    start_profiler = cProfile.Profile() if args.profile_setup else None  # from train() to the first step
+
+    def first_step_starts(step: int) -> None:
+        if not step_starts:
+            step_starts.append(time.perf_counter())
+            if start_profiler is not None:
+                start_profiler.disable()
+
     trainer.callbacks += [
-        TrainingCallback(
-            [TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], lambda step: step_starts.append(time.perf_counter()) if not step_starts else None,
-            update_every_num_iters=1,
-        ),
+        TrainingCallback([TrainingCallbackLocation.BEFORE_TRAIN_ITERATION], first_step_starts, update_every_num_iters=1),
         TrainingCallback([TrainingCallbackLocation.AFTER_TRAIN_ITERATION], lambda step: step_ends.append(time.perf_counter()), update_every_num_iters=1),
     ]
     profilers: Dict[str, StepWindow] = {}
@@ -381,6 +390,8 @@ def main() -> None:
         ]
     torch.cuda.reset_peak_memory_stats()
     train_started = time.perf_counter()
+    if start_profiler is not None:
+        start_profiler.enable()
     with GcClock() as gc_clock:
         trainer.train()
         torch.cuda.synchronize()
@@ -431,6 +442,7 @@ def main() -> None:
     result.update({name: window.result for name, window in profilers.items()})
     if setup_profiler is not None:
         result["setup_profile"] = {"per": "run", **python_profile_figures(setup_profiler, 1, rows=40)}
+        result["before_first_step_profile"] = {"per": "run", **python_profile_figures(start_profiler, 1, rows=25)}
     if args.reference_views:
         per_view = reference_s_per_view(trainer.pipeline, args.ip2p_model, args.reference_views)
         sweeps_run = len(sweeps)
