@@ -146,10 +146,8 @@ class IGS2GSModelConfig(SplatfactoModelConfig):
     """Train at 1/2^d resolution at first; an edit starts from a trained scene, so at full resolution."""
     reset_alpha_every: int = 1000
     """Reset opacities every this many refinements; the default never resets during an edit, which would blank the scene."""
-
-
-PLACEHOLDER_GAUSSIANS = 16
-"""Seed points the model is built from before the checkpoint's Gaussians replace them (splatfacto's set-up needs a few)."""
+    seed_points_used: Optional[int] = 16
+    """Points of the scene's point cloud the model is built from. An edit's Gaussians come from the loaded checkpoint, so a few suffice (splatfacto's start from all of them, a nearest-neighbour search over every point, would be thrown away); None: all (a reconstruction)."""
 
 
 class IGS2GSModel(SplatfactoModel):
@@ -158,10 +156,8 @@ class IGS2GSModel(SplatfactoModel):
     config: IGS2GSModelConfig
 
     def populate_modules(self) -> None:
-        if self.seed_points is not None:
-            # An igs2gs model always takes its Gaussians from a checkpoint (the scene to edit, or the edit itself):
-            # splatfacto's start from the seed points, a nearest-neighbour search over all of them, is thrown away.
-            self.seed_points = tuple(values[:PLACEHOLDER_GAUSSIANS] for values in self.seed_points)
+        if self.seed_points is not None and self.config.seed_points_used is not None:
+            self.seed_points = tuple(values[: self.config.seed_points_used] for values in self.seed_points)
         seed_colours = None
         if self.seed_points is not None and not torch.cuda.is_available():
             # splatfacto builds the SH from seed colours with .cuda(); give it none and set them below.

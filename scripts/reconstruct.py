@@ -45,6 +45,7 @@ def splatfacto_config(data: Path, output_dir: Path, steps: int, device: str, tim
             # Gaussian count, so no densification), full resolution from the start.
             stop_split_at=0,
             num_downscales=0,
+            seed_points_used=None,  # a reconstruction starts from every seed point
             sh_degree_interval=max(1, steps // 4),
         )
     return config

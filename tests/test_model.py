@@ -54,17 +54,16 @@ def test_eval_metric_builds_its_network_only_when_first_used(monkeypatch):
 def test_model_renders_and_trains_on_cpu(scene_dir):
     from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
 
-    from igs2gs.model import PLACEHOLDER_GAUSSIANS, IGS2GSModelConfig
+    from igs2gs.model import IGS2GSModelConfig
 
     outputs = NerfstudioDataParserConfig(data=scene_dir, load_3D_points=True).setup().get_dataparser_outputs("train")
     seeds = (outputs.metadata["points3D_xyz"], outputs.metadata["points3D_rgb"])
-    model = IGS2GSModelConfig(lpips_pretrained_backbone=False).setup(
+    model = IGS2GSModelConfig(lpips_pretrained_backbone=False, seed_points_used=None).setup(  # as a reconstruction
         scene_box=outputs.scene_box, num_train_data=len(outputs.image_filenames), seed_points=seeds
     )
-    # Built from the first seed points (a checkpoint replaces them); their colours reach the SH DC term although
-    # splatfacto's own initialisation needs CUDA.
-    assert torch.equal(model.means.detach(), seeds[0][:PLACEHOLDER_GAUSSIANS].float())
-    assert torch.allclose(model.colors, seeds[1][:PLACEHOLDER_GAUSSIANS].float() / 255, atol=1e-5)
+    # Seed colours reach the SH DC term although splatfacto's own initialisation needs CUDA.
+    assert torch.equal(model.means.detach(), seeds[0].float())
+    assert torch.allclose(model.colors, seeds[1].float() / 255, atol=1e-5)
     camera = outputs.cameras[0:1]
     model.eval()
     rendered = model.get_outputs_for_camera(camera)

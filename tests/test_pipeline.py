@@ -231,16 +231,16 @@ def test_the_model_is_built_from_a_few_seed_points_and_holds_the_checkpoints_gau
     scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path, monkeypatch
 ):
     """splatfacto's start from the scene's seed points (800 here) is replaced by the checkpoint's Gaussians: the
-    model's set-up searches the neighbours of a placeholder few, and the loaded Gaussians are the checkpoint's."""
+    model's set-up searches the neighbours of a few (``seed_points_used``), and the loaded Gaussians are the checkpoint's."""
     from nerfstudio.models.splatfacto import SplatfactoModel
 
-    from igs2gs.model import PLACEHOLDER_GAUSSIANS
+    from igs2gs.model import IGS2GSModelConfig
 
     searched = []
     k_nearest = SplatfactoModel.k_nearest_sklearn
     monkeypatch.setattr(SplatfactoModel, "k_nearest_sklearn", lambda self, x, k: searched.append(len(x)) or k_nearest(self, x, k))
     trainer = make_trainer(scene_dir, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, "seed")
-    assert searched == [PLACEHOLDER_GAUSSIANS]
+    assert searched == [IGS2GSModelConfig().seed_points_used] == [16]
     saved = torch.load(latest_checkpoint(splatfacto_run), map_location="cpu", weights_only=False)["pipeline"]
     for name in GAUSSIANS:
         assert torch.equal(trainer.pipeline.model.gauss_params[name].detach().cpu(), saved[f"_model.gauss_params.{name}"]), name
