@@ -302,8 +302,8 @@ class IGS2GSTrainer(Trainer):
         pipeline = self.config.pipeline
         check_prompt(pipeline.model.prompt or pipeline.prompt)
         check_edit_settings(pipeline, str(self.device))
-        start_cuda_in_background(str(self.device))
         self.checkpoint_path = find_checkpoint(self.config.load_dir, self.config.load_step, self.config.load_checkpoint)
+        start_cuda_in_background(str(self.device))
         self.loaded_state: Optional[Dict[str, Any]] = load_checkpoint_state(self.checkpoint_path)
         check_same_scene(self.checkpoint_path, self._train_dataparser_outputs(), pipeline.datamanager)
         changes = adopt_scene_settings(pipeline.model, self.checkpoint_path, self.loaded_state)
