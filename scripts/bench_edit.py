@@ -369,10 +369,11 @@ def main() -> None:
     if setup_profiler is not None:
         setup_profiler.disable()
     setup_s = time.perf_counter() - started
+    setup_profile = None if setup_profiler is None else {"per": "run", **python_profile_figures(setup_profiler, 1, rows=40)}
     if args.setup_only:
         figures = {"device": torch.cuda.get_device_name(0), "setup_s": setup_s, "early_cuda": not args.no_early_cuda}
-        if setup_profiler is not None:
-            figures["setup_profile"] = {"per": "run", **python_profile_figures(setup_profiler, 1, rows=40)}
+        if setup_profile is not None:
+            figures["setup_profile"] = setup_profile
         print(json.dumps(figures, indent=2))
         if args.json:
             args.json.write_text(json.dumps(figures, indent=2))
@@ -457,8 +458,8 @@ def main() -> None:
         "garbage_collection": gc_clock.figures(),  # during training, sweeps included
     }
     result.update({name: window.result for name, window in profilers.items()})
-    if setup_profiler is not None:
-        result["setup_profile"] = {"per": "run", **python_profile_figures(setup_profiler, 1, rows=40)}
+    if setup_profile is not None:
+        result["setup_profile"] = setup_profile
         result["before_first_step_profile"] = {"per": "run", **python_profile_figures(start_profiler, 1, rows=25)}
     if args.reference_views:
         per_view = reference_s_per_view(trainer.pipeline, args.ip2p_model, args.reference_views)
