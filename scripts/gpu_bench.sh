@@ -13,6 +13,9 @@
 #                                            # default edit with --gsplat-unchecked-inverse (A/B with edit's first run)
 #   bash scripts/gpu_bench.sh batch DATA     # the editor alone at another packaged batch, TRY_BATCH (default 19: 73
 #                                            # views in four batches instead of five of 15): s/edit and peak memory
+#   bash scripts/gpu_bench.sh setup DATA     # set-up alone (bench_edit --setup-only), with CUDA started beside it and
+#                                            # without (--no-early-cuda), alternating, PAIRS times (default 2); first,
+#                                            # whether torch's CUDA initialisation lets another thread run meanwhile
 #
 # Work files stay in outputs/gpu_bench (keep the machine warm between the phases). BATCH, HEIGHT, WIDTH: the sweeps'
 # padded batch shape (stone_horse, 73 training views of 511x511: 15 511 511). REFERENCE_VIEWS: reference-style views
@@ -21,9 +24,9 @@
 #   source .device/env.sh > /dev/null && RESULTS=$OUT bash scripts/gpu_bench.sh prepare .device/data/stone_horse
 set -uo pipefail
 cd "$(dirname "$0")/.."
-usage="usage: gpu_bench.sh prepare|edit|extra|batch|reconstruct DATA"
+usage="usage: gpu_bench.sh prepare|edit|extra|batch|reconstruct|setup DATA"
 phase=${1:-}; data=${2:-}
-if [[ ! "$phase" =~ ^(prepare|edit|extra|batch|reconstruct)$ || ! -d "$data" ]]; then
+if [[ ! "$phase" =~ ^(prepare|edit|extra|batch|reconstruct|setup)$ || ! -d "$data" ]]; then
     echo "$usage (DATA: a nerfstudio scene folder)" >&2; exit 2
 fi
 edit_runs="cached cached_overlap off"  # edit's runs, all by default; EDITS picks some
@@ -51,11 +54,14 @@ reconstruct() {  # splatfacto 15k of the scene, its log under the scene's name
     python3 scripts/reconstruct.py --data "$data" --output-dir "$work" --steps 15000 --device cuda > "$results/reconstruct_$scene.log" 2>&1
 }
 
+load_dir() {  # the scene's latest reconstruction
+    ls -d "$work/$scene"/splatfacto/*/nerfstudio_models | tail -n 1
+}
+
 bench_edit() {  # NAME ARGS...: one whole edit of the reconstructed scene, its JSON and log under NAME, a summary printed
-    local name=${scene}_$1 load_dir
+    local name=${scene}_$1
     shift
-    load_dir=$(ls -d "$work/$scene"/splatfacto/*/nerfstudio_models | tail -n 1)
-    python3 scripts/bench_edit.py --data "$data" --load-dir "$load_dir" --ip2p-model "$editor" --vis viewer \
+    python3 scripts/bench_edit.py --data "$data" --load-dir "$(load_dir)" --ip2p-model "$editor" --vis viewer \
         --output-dir "$work/edits" --json "$results/edit_$name.json" "$@" > "$results/edit_$name.log" 2>&1
     echo "edit ($name): exit $?"
     python3 - "$results/edit_$name.json" <<'PY'
@@ -113,5 +119,31 @@ batch)  # compiles the packages for this batch first (UNet 148-196 s on an H100)
     python3 scripts/bench_ip2p.py --model "$editor" --views $((3 * try)) --batch-sizes "$try" --reference-views 1 \
         --compile-batch "$try" --variants compiled --json "$results/ip2p_batch$try.json" > "$results/ip2p_batch$try.log" 2>&1
     echo "bench_ip2p batch $try: exit $?"; tail -n 12 "$results/ip2p_batch$try.log"
+    ;;
+setup)
+    python3 - <<'PY'
+import threading, time
+import torch
+started, loops = time.perf_counter(), 0
+thread = threading.Thread(target=torch.cuda.init)
+thread.start()
+while thread.is_alive():
+    loops += 1
+seconds, alone = time.perf_counter() - started, 0
+until = time.perf_counter() + seconds
+while time.perf_counter() < until:
+    alone += 1
+print(f"CUDA initialised in a thread in {seconds:.2f} s; the main thread ran {loops} loops meanwhile, {alone} alone in as long")
+PY
+    for pair in $(seq "${PAIRS:-2}"); do
+        for variant in early_cuda no_early_cuda; do
+            name=setup_${scene}_${variant}_$pair
+            flags=(--setup-only)
+            [[ $variant == no_early_cuda ]] && flags+=(--no-early-cuda)
+            python3 scripts/bench_edit.py --data "$data" --load-dir "$(load_dir)" --ip2p-model "$editor" --vis viewer \
+                --output-dir "$work/edits" "${flags[@]}" --json "$results/$name.json" > "$results/$name.log" 2>&1
+            echo "set-up ($variant, $pair): exit $?, $(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["setup_s"])' "$results/$name.json" 2>&1)"
+        done
+    done
     ;;
 esac
