@@ -16,6 +16,7 @@
 #   bash scripts/gpu_bench.sh setup DATA     # set-up alone (bench_edit --setup-only), with CUDA started beside it and
 #                                            # without (--no-early-cuda), alternating, PAIRS times (default 2); first,
 #                                            # whether torch's CUDA initialisation lets another thread run meanwhile
+#                                            # (package_wait_probe.counting)
 #
 # Work files stay in outputs/gpu_bench (keep the machine warm between the phases). BATCH, HEIGHT, WIDTH: the sweeps'
 # padded batch shape (stone_horse, 73 training views of 511x511: 15 511 511). REFERENCE_VIEWS: reference-style views
@@ -122,18 +123,14 @@ batch)  # compiles the packages for this batch first (UNet 148-196 s on an H100)
     ;;
 setup)
     python3 - <<'PY'
-import threading, time
+import sys, time
 import torch
-started, loops = time.perf_counter(), 0
-thread = threading.Thread(target=torch.cuda.init)
-thread.start()
-while thread.is_alive():
-    loops += 1
-seconds, alone = time.perf_counter() - started, 0
-until = time.perf_counter() + seconds
-while time.perf_counter() < until:
-    alone += 1
-print(f"CUDA initialised in a thread in {seconds:.2f} s; the main thread ran {loops} loops meanwhile, {alone} alone in as long")
+sys.path.insert(0, "tests")
+from package_wait_probe import counting  # a thread's counting pace while the main thread works
+alone = counting(lambda: time.sleep(0.5))
+started = time.perf_counter()
+beside = counting(torch.cuda.init)
+print(f"CUDA initialised in {time.perf_counter() - started:.2f} s; a thread counted meanwhile at {beside / alone:.0%} of its pace beside a sleep")
 PY
     for pair in $(seq "${PAIRS:-2}"); do
         for variant in early_cuda no_early_cuda; do
