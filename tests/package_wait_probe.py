@@ -57,12 +57,13 @@ def main(folder: Path, device: str) -> None:
     package = packaged(call, (latents,), folder=folder / "packages")
     if package is None:
         sys.exit("the package could not be compiled or loaded (logged above)")
-    error = float((package(latents) - expected).abs().max())
+    # Relative to the largest output: the random decoder's images reach |5| and more, where fp16 steps by 0.004.
+    error = float((package(latents) - expected).abs().max() / expected.abs().max())
     synchronize = torch.cuda.synchronize if on_cuda else (lambda: None)
     synchronize()
     alone = counting(lambda: time.sleep(0.2))
     beside = counting(lambda: [package(latents) for _ in range(16)] and synchronize())
-    print(json.dumps({"alone": alone, "beside": beside, "max_error": error}))
+    print(json.dumps({"alone": alone, "beside": beside, "max_relative_error": error}))
 
 
 if __name__ == "__main__":

@@ -289,7 +289,7 @@ def run_package_wait_probe(folder: Path, device: str) -> dict:
 def test_the_package_wait_probe_runs_its_package_as_the_eager_model(tmp_path):
     """The probe's own plumbing, on the CPU (where no wait is made: what it measures is the GPU test's)."""
     figures = run_package_wait_probe(tmp_path, "cpu")
-    assert figures["max_error"] < 1e-4 and figures["alone"] > 0 and figures["beside"] > 0
+    assert figures["max_relative_error"] < 1e-5 and figures["alone"] > 0 and figures["beside"] > 0
 
 
 @pytest.mark.gpu
@@ -299,7 +299,9 @@ def test_other_threads_run_while_a_cuda_package_waits_for_the_gpu(tmp_path):
     overlapped edits). The probe makes its package as the editor does: a probe of plain convolutions segfaulted in
     torch 2.11's package loader on the H100, whether or not it had run eagerly first."""
     figures = run_package_wait_probe(tmp_path, "cuda")
-    assert figures["max_error"] < 2e-2, figures
+    # fp16: the H100 run of 2026-12-07 measured an absolute 0.027 where outputs reach |5| (the CPU model in fp16 differs
+    # from float32 by 0.018); 1% of the largest output is a few fp16 steps, far below a wrong computation's error.
+    assert figures["max_relative_error"] < 1e-2, figures
     assert figures["beside"] > 0.5 * figures["alone"], figures
 
 
