@@ -11,12 +11,10 @@ and camera-optimizer modes (``adopt_scene_settings``). Checkpoints are written a
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
 import re
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,20 +65,6 @@ def cpu_snapshot(state: Any) -> Tuple[Any, List["torch.cuda.Event"]]:
 
     snapshot = copy(state)
     return snapshot, [torch.cuda.current_stream(device).record_event() for device in devices]
-
-
-def start_cuda_in_background(device: str) -> None:
-    """Initialise CUDA (the driver, a context, torch's CUDA state: seconds) in a thread of its own while set-up reads
-    the checkpoint and the scene; set-up's first CUDA call waits there for what is left (torch initialises once, under
-    a lock). Nothing is raised here: a failure is raised by that call, as without this."""
-    if torch.device(device).type != "cuda" or torch.cuda.is_initialized() or not torch.cuda.is_available():
-        return
-
-    def initialise() -> None:
-        with contextlib.suppress(Exception):
-            torch.cuda.init()
-
-    threading.Thread(target=initialise, name="igs2gs-cuda-init", daemon=True).start()
 
 
 def use_fused_adam(optimizers: Dict[str, torch.optim.Optimizer], device_types: Sequence[str] = ("cuda",)) -> List[str]:
@@ -303,7 +287,6 @@ class IGS2GSTrainer(Trainer):
         check_prompt(pipeline.model.prompt or pipeline.prompt)
         check_edit_settings(pipeline, str(self.device))
         self.checkpoint_path = find_checkpoint(self.config.load_dir, self.config.load_step, self.config.load_checkpoint)
-        start_cuda_in_background(str(self.device))
         self.loaded_state: Optional[Dict[str, Any]] = load_checkpoint_state(self.checkpoint_path)
         check_same_scene(self.checkpoint_path, self._train_dataparser_outputs(), pipeline.datamanager)
         changes = adopt_scene_settings(pipeline.model, self.checkpoint_path, self.loaded_state)

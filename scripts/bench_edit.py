@@ -320,7 +320,6 @@ def main() -> None:
     parser.add_argument("--reference-views", type=int, default=0, help="views of a reference-style sweep to time")
     parser.add_argument("--gsplat-unchecked-inverse", action="store_true", help="gsplat's camera-centre inverse without its error check (one host wait less per step; an experiment, not the product)")
     parser.add_argument("--no-warm-up", action="store_true", help="no editor warm-up beside set-up (the first sweep pays it)")
-    parser.add_argument("--no-early-cuda", action="store_true", help="no CUDA initialisation beside set-up (its first CUDA call pays it)")
     parser.add_argument("--setup-only", action="store_true", help="stop after set-up: JSON setup_s (and setup_profile) only")
     parser.add_argument("--profile-steps", type=int, default=0, help="profile this many training steps with cProfile, then as many with torch.profiler (0: none)")
     parser.add_argument(
@@ -347,10 +346,6 @@ def main() -> None:
         from igs2gs.pipeline import IGS2GSPipeline
 
         IGS2GSPipeline._needs_warm_up = staticmethod(lambda editor, shapes: False)  # type: ignore[method-assign]
-    if args.no_early_cuda:
-        import igs2gs.trainer
-
-        igs2gs.trainer.start_cuda_in_background = lambda device: None
     setup_profiler = cProfile.Profile() if args.profile_setup else None
     started = time.perf_counter()
     if setup_profiler is not None:
@@ -371,7 +366,7 @@ def main() -> None:
     setup_s = time.perf_counter() - started
     setup_profile = None if setup_profiler is None else {"per": "run", **python_profile_figures(setup_profiler, 1, rows=40)}
     if args.setup_only:
-        figures = {"device": torch.cuda.get_device_name(0), "setup_s": setup_s, "early_cuda": not args.no_early_cuda}
+        figures = {"device": torch.cuda.get_device_name(0), "setup_s": setup_s}
         if setup_profile is not None:
             figures["setup_profile"] = setup_profile
         print(json.dumps(figures, indent=2))
@@ -448,7 +443,6 @@ def main() -> None:
         "lpips": ("float32" if args.lpips_fp32 else "bf16") + (" eager" if args.lpips_eager else " CUDA graph"),
         "ip2p_devices": args.ip2p_devices,
         "editor_warm_up": not args.no_warm_up,
-        "early_cuda": not args.no_early_cuda,
         "gsplat_inverse": "unchecked" if args.gsplat_unchecked_inverse else "checked",
         "sweep_s_means": "time training waited for sweeps (render + swap with --overlap)",
         "step_times": step_time_profile(

@@ -13,10 +13,6 @@
 #                                            # default edit with --gsplat-unchecked-inverse (A/B with edit's first run)
 #   bash scripts/gpu_bench.sh batch DATA     # the editor alone at another packaged batch, TRY_BATCH (default 19: 73
 #                                            # views in four batches instead of five of 15): s/edit and peak memory
-#   bash scripts/gpu_bench.sh setup DATA     # set-up alone (bench_edit --setup-only), with CUDA started beside it and
-#                                            # without (--no-early-cuda), alternating, PAIRS times (default 2); first,
-#                                            # whether torch's CUDA initialisation lets another thread run meanwhile
-#                                            # (package_wait_probe.counting)
 #
 # Work files stay in outputs/gpu_bench (keep the machine warm between the phases). BATCH, HEIGHT, WIDTH: the sweeps'
 # padded batch shape (stone_horse, 73 training views of 511x511: 15 511 511). REFERENCE_VIEWS: reference-style views
@@ -25,9 +21,9 @@
 #   source .device/env.sh > /dev/null && RESULTS=$OUT bash scripts/gpu_bench.sh prepare .device/data/stone_horse
 set -uo pipefail
 cd "$(dirname "$0")/.."
-usage="usage: gpu_bench.sh prepare|edit|extra|batch|reconstruct|setup DATA"
+usage="usage: gpu_bench.sh prepare|edit|extra|batch|reconstruct DATA"
 phase=${1:-}; data=${2:-}
-if [[ ! "$phase" =~ ^(prepare|edit|extra|batch|reconstruct|setup)$ || ! -d "$data" ]]; then
+if [[ ! "$phase" =~ ^(prepare|edit|extra|batch|reconstruct)$ || ! -d "$data" ]]; then
     echo "$usage (DATA: a nerfstudio scene folder)" >&2; exit 2
 fi
 edit_runs="cached cached_overlap off"  # edit's runs, all by default; EDITS picks some
@@ -43,11 +39,14 @@ scene=$(basename "$data")  # nerfstudio names a run's folder after its data fold
 prompt="turn the horse into a giraffe"
 
 # An installation made with byte-code (as pip makes one by default) imports without compiling thousands of modules:
-# set-up figures then are a user's, not the first process's on a machine installed with --no-compile.
+# set-up figures then are a user's, not those of a machine installed with --no-compile. The byte-code goes to a cache
+# of its own (PYTHONPYCACHEPREFIX, exported to every run below), so folders this user cannot write or a system Python's
+# dist-packages are cached too (a 2026-12-07 set-up profile on the lent H100 compiled 2,116 modules from source).
+export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-/tmp/igs2gs-pycache}
 python3 - <<'PY' >/dev/null 2>&1
 import compileall, sys
 for folder in [*sys.path]:
-    if folder.endswith(("site-packages", "site")) or folder == "/tmp/site":
+    if folder.endswith(("site-packages", "dist-packages", "site")):
         compileall.compile_dir(folder, quiet=2, workers=0)
 PY
 
@@ -120,27 +119,5 @@ batch)  # compiles the packages for this batch first (UNet 148-196 s on an H100)
     python3 scripts/bench_ip2p.py --model "$editor" --views $((3 * try)) --batch-sizes "$try" --reference-views 1 \
         --compile-batch "$try" --variants compiled --json "$results/ip2p_batch$try.json" > "$results/ip2p_batch$try.log" 2>&1
     echo "bench_ip2p batch $try: exit $?"; tail -n 12 "$results/ip2p_batch$try.log"
-    ;;
-setup)
-    python3 - <<'PY'
-import sys, time
-import torch
-sys.path.insert(0, "tests")
-from package_wait_probe import counting  # a thread's counting pace while the main thread works
-alone = counting(lambda: time.sleep(0.5))
-started = time.perf_counter()
-beside = counting(torch.cuda.init)
-print(f"CUDA initialised in {time.perf_counter() - started:.2f} s; a thread counted meanwhile at {beside / alone:.0%} of its pace beside a sleep")
-PY
-    for pair in $(seq "${PAIRS:-2}"); do
-        for variant in early_cuda no_early_cuda; do
-            name=setup_${scene}_${variant}_$pair
-            flags=(--setup-only)
-            [[ $variant == no_early_cuda ]] && flags+=(--no-early-cuda)
-            python3 scripts/bench_edit.py --data "$data" --load-dir "$(load_dir)" --ip2p-model "$editor" --vis viewer \
-                --output-dir "$work/edits" "${flags[@]}" --json "$results/$name.json" > "$results/$name.log" 2>&1
-            echo "set-up ($variant, $pair): exit $?, $(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["setup_s"])' "$results/$name.json" 2>&1)"
-        done
-    done
     ;;
 esac
