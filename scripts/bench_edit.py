@@ -4,7 +4,8 @@ Loads a splatfacto checkpoint, runs the default edit (3 sweeps, 7500 steps unles
 in this process and prints: model set-up, per-sweep render / IP2P / store seconds (and the
 slowest and fastest edit batch: the first batch of each shape pays its CUDA/cuDNN set-up), splat
 training seconds and steps/s between sweeps (with a profile of the step times and the time Python's
-garbage collector took), total wall time and peak GPU memory; JSON with ``--json``. With the random
+garbage collector took), when the editors' warm-up thread ran against the start of training, total wall
+time and peak GPU memory; JSON with ``--json``. With the random
 sd15 editor (``make_random_ip2p.py --shape sd15``) the timings are real and the edits are noise;
 ``--train-on oracle`` times the sd15 editor on every view of every sweep but trains on the oracle
 editor's images, so the splats behave as in a real edit.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import contextlib
 import gc
 import json
 import os
@@ -29,7 +31,7 @@ import sys
 import time
 import types
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -114,6 +116,37 @@ class GcClock:
 
     def figures(self) -> Dict[str, object]:
         return {"seconds": sum(self.seconds), "by_generation_s": self.seconds, "collections": self.collections, "longest_ms": 1000 * self.longest_s}
+
+
+class WarmUpClock:
+    """When each editor warm-up thread (``WarmUp``) started while installed began and ended (perf_counter): whether it
+    still ran when training began. With packages, the time before the first step was 1.47-1.58 s against
+    0.26-0.39 s eager (H100, 2026-12-07); a guess to check: a package's first call holds the GIL while its
+    kernels load, stalling the viewer's scene set-up beside it."""
+
+    def __init__(self) -> None:
+        self.spans: List[Tuple[float, float]] = []
+
+    def __enter__(self) -> "WarmUpClock":
+        from igs2gs.edit_workers import WarmUp
+
+        self._run = run = WarmUp._run
+        spans = self.spans
+
+        def stamped(warm_up: WarmUp, *args: object) -> None:
+            started = time.perf_counter()
+            try:
+                run(warm_up, *args)
+            finally:
+                spans.append((started, time.perf_counter()))
+
+        WarmUp._run = stamped  # type: ignore[method-assign] - the thread's target, bound when a WarmUp is made
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        from igs2gs.edit_workers import WarmUp
+
+        WarmUp._run = self._run  # type: ignore[method-assign]
 
 
 class StepWindow:
@@ -346,6 +379,8 @@ def main() -> None:
         from igs2gs.pipeline import IGS2GSPipeline
 
         IGS2GSPipeline._needs_warm_up = staticmethod(lambda editor, shapes: False)  # type: ignore[method-assign]
+    clocks = contextlib.ExitStack()  # until training ends
+    warm_up_clock = clocks.enter_context(WarmUpClock())
     setup_profiler = cProfile.Profile() if args.profile_setup else None
     started = time.perf_counter()
     if setup_profiler is not None:
@@ -408,6 +443,7 @@ def main() -> None:
         trainer.train()
         torch.cuda.synchronize()
     train_ended = time.perf_counter()
+    clocks.close()
     train_wall_s = train_ended - train_started
     total_s = time.perf_counter() - started
     sweeps = trainer.pipeline.sweep_timings
@@ -450,6 +486,10 @@ def main() -> None:
             profiled=[step for window in profilers.values() for step in window.steps_covered],
         ),
         "garbage_collection": gc_clock.figures(),  # during training, sweeps included
+        "editor_warm_up_from_setup_start_s": {  # did the warm-up thread still run when training began?
+            "spans": [[begun - started, ended - started] for begun, ended in warm_up_clock.spans],
+            "training_began": train_started - started,
+        },
     }
     result.update({name: window.result for name, window in profilers.items()})
     if setup_profile is not None:

@@ -68,7 +68,8 @@ bench_edit() {  # NAME ARGS...: one whole edit of the reconstructed scene, its J
 import json, sys
 r = json.load(open(sys.argv[1]))
 print({k: r.get(k) for k in ("total_s", "setup_s", "sweep_s", "ip2p_s_per_edit", "splat_training_s", "peak_gpu_gb", "editor_packages")},
-      "median step ms:", r.get("step_times", {}).get("median_ms"),
+      "median step ms:", r.get("step_times", {}).get("median_ms"), "before it:", r.get("splat_training_split_s", {}).get("before_first_step"),
+      "warm-up:", r.get("editor_warm_up_from_setup_start_s"),
       "reference:", {k: r.get("reference_style", {}).get(k) for k in ("s_per_view", "speedup", "sweep_speedup")})
 PY
 }

@@ -13,7 +13,7 @@ import pytest
 
 import torch
 
-from bench_edit import GcClock, PythonStepProfiler, StepProfiler, step_time_profile
+from bench_edit import GcClock, PythonStepProfiler, StepProfiler, WarmUpClock, step_time_profile
 
 
 def test_step_time_profile_leaves_out_sweep_steps_and_names_the_slow_ones():
@@ -61,6 +61,27 @@ def test_gc_clock_times_the_collections_made_while_installed_and_only_those():
     assert clock.collections[2] == 1 and clock.collections[0] >= 1
     assert figures["seconds"] == pytest.approx(sum(clock.seconds)) and clock.seconds[2] > 0
     assert 0 < figures["longest_ms"] <= 1000 * figures["seconds"]
+
+
+def test_warm_up_clock_stamps_the_editor_warm_ups_started_while_installed_and_only_those():
+    """Whether the editors' warm-up thread still runs when training begins: its start and end, on perf_counter."""
+    from igs2gs.edit_workers import WarmUp
+
+    class SlowEditor:
+        device = "cpu"
+
+        def warm_up(self, batch, height, width, prompt):
+            time.sleep(0.05)
+
+    original = WarmUp._run
+    before = time.perf_counter()
+    with WarmUpClock() as clock:
+        WarmUp([SlowEditor()], [(1, 8, 8)], "a prompt").wait()
+    WarmUp([SlowEditor()], [(1, 8, 8)], "a prompt").wait()  # after: not stamped
+    assert WarmUp._run is original
+    assert len(clock.spans) == 1
+    started, ended = clock.spans[0]
+    assert before <= started and ended - started >= 0.05
 
 
 def test_step_time_profile_leaves_out_profiled_steps():
