@@ -12,9 +12,10 @@ from __future__ import annotations
 import contextlib
 import io
 import socket
+import sys
+import types
 from dataclasses import dataclass, field
-from typing import Dict, Literal, Optional, Type, Union
-from unittest import mock
+from typing import Dict, Iterator, Literal, Optional, Type, Union
 
 import torch
 from torch import Tensor, nn
@@ -117,6 +118,29 @@ class BatchPSNR(nn.Module):
         return -10 * torch.log10(torch.mean((preds.float() - target.float()) ** 2))
 
 
+@contextlib.contextmanager
+def torchmetrics_standing_in(psnr: nn.Module, lpips: nn.Module) -> Iterator[None]:
+    """splatfacto's ``populate_modules`` imports torchmetrics for its PSNR and LPIPS metrics and builds them; here
+    it gets these instead, and torchmetrics is not imported: its package imports every metric it has (text, audio,
+    transformers' BERT, scipy.signal, torchvision's datasets: 2.5 s on a 2-core CPU) and its LPIPS downloads AlexNet.
+    Only the two modules splatfacto imports are stood in for, and only meanwhile (set-up imports nothing else of
+    torchmetrics in other threads)."""
+    image, lpip = types.ModuleType("torchmetrics.image"), types.ModuleType("torchmetrics.image.lpip")
+    image.PeakSignalNoiseRatio = lambda **_: psnr  # type: ignore[attr-defined]
+    lpip.LearnedPerceptualImagePatchSimilarity = lambda **_: lpips  # type: ignore[attr-defined]
+    stand_ins = {image.__name__: image, lpip.__name__: lpip}
+    saved = {name: sys.modules.get(name) for name in stand_ins}
+    sys.modules.update(stand_ins)
+    try:
+        yield
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+
+
 @dataclass
 class IGS2GSModelConfig(SplatfactoModelConfig):
     """Splatfacto as Instruct-GS2GS trains it on edited views."""
@@ -164,13 +188,12 @@ class IGS2GSModel(SplatfactoModel):
             points, seed_colours = self.seed_points
             self.seed_points = (points, seed_colours[:0])
         deferred = DeferredLPIPSMetric(self.config.lpips_net, self.config.lpips_pretrained_backbone)
-        with mock.patch("torchmetrics.image.lpip.LearnedPerceptualImagePatchSimilarity", lambda **_: deferred):
+        with torchmetrics_standing_in(psnr=BatchPSNR(), lpips=deferred):
             super().populate_modules()
         if seed_colours is not None and len(seed_colours) and not self.config.random_init:
             colours = seed_colours.float() / 255
             features = RGB2SH(colours) if self.config.sh_degree > 0 else torch.logit(colours, eps=1e-10)
             self.gauss_params["features_dc"].data.copy_(features)
-        self.psnr = BatchPSNR()
         use_view_matrix()
         self.refine_origin: Optional[int] = 0  # step splatfacto's densification schedule counts from; None: no densification
         self._graphed_lpips: Optional[GraphedLoss] = None  # built on the first CUDA training step

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import urllib.error
 
 import pytest
@@ -91,6 +94,26 @@ def test_splatfacto_computes_its_view_matrices_with_igs2gs_view_matrix_once_the_
     (gradient,) = torch.autograd.grad(viewmat.sum(), camera_to_world)  # pose corrections train through it
     (expected_gradient,) = torch.autograd.grad(expected.sum(), camera_to_world)
     assert torch.allclose(gradient, expected_gradient, atol=1e-4)
+
+
+def test_building_the_model_imports_no_torchmetrics(scene_dir):
+    """splatfacto's set-up imports torchmetrics for a PSNR and an LPIPS metric that igs2gs replaces; the package's
+    import pulls in its text and audio metrics, transformers' BERT, scipy.signal and torchvision's datasets
+    (2.5 s on the 2-core CPU machine). In a process of its own: this test session imports torchmetrics elsewhere."""
+    build = f"""
+import json, sys
+from pathlib import Path
+from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
+from igs2gs.model import IGS2GSModelConfig
+outputs = NerfstudioDataParserConfig(data=Path({str(scene_dir)!r})).setup().get_dataparser_outputs("train")
+model = IGS2GSModelConfig(lpips_pretrained_backbone=False).setup(scene_box=outputs.scene_box, num_train_data=len(outputs.image_filenames))
+print(json.dumps({{"imported": sorted(name for name in sys.modules if name.split(".")[0] == "torchmetrics"),
+                  "metrics": [type(model.psnr).__name__, type(model.lpips).__name__]}}))
+"""
+    result = subprocess.run([sys.executable, "-c", build], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures == {"imported": [], "metrics": ["BatchPSNR", "DeferredLPIPSMetric"]}
 
 
 @pytest.mark.parametrize("densify", [False, True])
