@@ -15,8 +15,9 @@ import socket
 import sys
 import types
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, Literal, Optional, Type, Union
+from typing import Dict, Iterator, Literal, Optional, Tuple, Type, Union
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -141,6 +142,10 @@ def torchmetrics_standing_in(psnr: nn.Module, lpips: nn.Module) -> Iterator[None
                 sys.modules[name] = module
 
 
+NEIGHBOURS_BY_TORCH_UP_TO = 4096
+"""Points up to which the model's neighbour search runs in torch (a 4096 x 4096 distance matrix: 134 MB in float64)."""
+
+
 @dataclass
 class IGS2GSModelConfig(SplatfactoModelConfig):
     """Splatfacto as Instruct-GS2GS trains it on edited views."""
@@ -171,7 +176,7 @@ class IGS2GSModelConfig(SplatfactoModelConfig):
     reset_alpha_every: int = 1000
     """Reset opacities every this many refinements; the default never resets during an edit, which would blank the scene."""
     seed_points_used: Optional[int] = 16
-    """Points of the scene's point cloud the model is built from. An edit's Gaussians come from the loaded checkpoint, so a few suffice (splatfacto's start from all of them, a nearest-neighbour search over every point, would be thrown away); None: all (a reconstruction)."""
+    """Points the model is built from before the loaded checkpoint's Gaussians replace them. An edit's Gaussians come from the checkpoint, so a few suffice: the scene's point cloud is then not read (nerfstudio-data's reader imports open3d: ~3 s) and splatfacto starts from this many random points (or cloud points, where a dataparser still gives some); None: every point of the cloud (a reconstruction)."""
 
 
 class IGS2GSModel(SplatfactoModel):
@@ -180,16 +185,23 @@ class IGS2GSModel(SplatfactoModel):
     config: IGS2GSModelConfig
 
     def populate_modules(self) -> None:
-        if self.seed_points is not None and self.config.seed_points_used is not None:
-            self.seed_points = tuple(values[: self.config.seed_points_used] for values in self.seed_points)
+        placeholders = self.config.seed_points_used
+        if self.seed_points is not None and placeholders is not None:
+            self.seed_points = tuple(values[:placeholders] for values in self.seed_points)
         seed_colours = None
         if self.seed_points is not None and not torch.cuda.is_available():
             # splatfacto builds the SH from seed colours with .cuda(); give it none and set them below.
             points, seed_colours = self.seed_points
             self.seed_points = (points, seed_colours[:0])
         deferred = DeferredLPIPSMetric(self.config.lpips_net, self.config.lpips_pretrained_backbone)
-        with torchmetrics_standing_in(psnr=BatchPSNR(), lpips=deferred):
-            super().populate_modules()
+        num_random = self.config.num_random  # splatfacto's random start, without seed points: placeholders too
+        if placeholders is not None:
+            self.config.num_random = min(num_random, placeholders)
+        try:
+            with torchmetrics_standing_in(psnr=BatchPSNR(), lpips=deferred):
+                super().populate_modules()
+        finally:
+            self.config.num_random = num_random
         if seed_colours is not None and len(seed_colours) and not self.config.random_init:
             colours = seed_colours.float() / 255
             features = RGB2SH(colours) if self.config.sh_degree > 0 else torch.logit(colours, eps=1e-10)
@@ -199,6 +211,15 @@ class IGS2GSModel(SplatfactoModel):
         self._graphed_lpips: Optional[GraphedLoss] = None  # built on the first CUDA training step
         # The trainer writes training metrics every steps_per_log steps only and sets this to match (IGS2GSTrainer).
         self.training_metrics_every = 1
+
+    def k_nearest_sklearn(self, x: Tensor, k: int) -> Tuple[np.ndarray, np.ndarray]:
+        """splatfacto's search for each point's ``k`` nearest others (distances and indices, float32), by torch for
+        up to ``NEIGHBOURS_BY_TORCH_UP_TO`` points: an edit's model starts from a few, and importing scikit-learn
+        alone takes ~2 s."""
+        if len(x) > NEIGHBOURS_BY_TORCH_UP_TO:
+            return super().k_nearest_sklearn(x, k)
+        distances, indices = torch.cdist(x.detach().cpu().double(), x.detach().cpu().double()).topk(k + 1, largest=False)
+        return distances[:, 1:].numpy().astype(np.float32), indices[:, 1:].numpy().astype(np.float32)
 
     # ----------------------------------------------------------------------------- schedule
     def start_edit_at(self, step: int) -> None:

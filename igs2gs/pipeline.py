@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.cuda.amp.grad_scaler import GradScaler
 
-from igs2gs.datamanager import IGS2GSDataManagerConfig
+from igs2gs.datamanager import IGS2GSDataManagerConfig, without_point_cloud
 from igs2gs.edit_store import EditStore, SweepState
 from igs2gs.edit_workers import EditJob, EditResult, EditWorkers, WarmUp
 from igs2gs.model import IGS2GSModelConfig
@@ -126,6 +126,8 @@ class IGS2GSPipeline(VanillaPipeline):
         local_rank: int = 0,
         grad_scaler: Optional[GradScaler] = None,
     ) -> None:
+        if config.model.seed_points_used is not None:  # the model's start is a placeholder for the checkpoint's
+            without_point_cloud(config.datamanager.dataparser)
         super().__init__(config, device, test_mode, world_size, local_rank, grad_scaler)
         # What sweep renders show where nothing is drawn (the viewer re-sets the model's to its own colour).
         self.datamanager.background = self.model.background_color.clone()

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import yaml
 
-from igs2gs.datamanager import CachedPhotos, unreadable_data
+from igs2gs.datamanager import CachedPhotos, unreadable_data, without_point_cloud
 from igs2gs.edit_store import STORE_DIRNAME, EditStore, write_atomically
 from igs2gs.pipeline import check_edit_settings, check_prompt
 from nerfstudio.engine.trainer import Trainer, TrainerConfig
@@ -230,7 +230,7 @@ def dataparser_differences(checkpoint: Path, datamanager: Any) -> List[str]:
         differences.append(f"its data was parsed with {parser['_class']}{how}, this edit's with {type(ours).__name__}")
         return differences
     for key, value in sorted(parser.items()):
-        if key.startswith("_") or key == "data" or not hasattr(ours, key):
+        if key.startswith("_") or key in ("data", "load_3D_points") or not hasattr(ours, key):  # the cloud moves no camera
             continue
         mine = getattr(ours, key)
         if isinstance(mine, (str, int, float, bool, type(None))) and mine != value:
@@ -320,7 +320,7 @@ class IGS2GSTrainer(Trainer):
         is refused here, with what the scene's run used, instead of with a traceback from the dataparser.
         """
         datamanager = self.config.pipeline.datamanager
-        dataparser = copy.deepcopy(datamanager.dataparser)
+        dataparser = without_point_cloud(copy.deepcopy(datamanager.dataparser))  # the check compares poses only
         if datamanager.data is not None:
             dataparser.data = Path(datamanager.data)
         try:

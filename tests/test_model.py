@@ -96,10 +96,12 @@ def test_splatfacto_computes_its_view_matrices_with_igs2gs_view_matrix_once_the_
     assert torch.allclose(gradient, expected_gradient, atol=1e-4)
 
 
-def test_building_the_model_imports_no_torchmetrics(scene_dir):
-    """splatfacto's set-up imports torchmetrics for a PSNR and an LPIPS metric that igs2gs replaces; the package's
-    import pulls in its text and audio metrics, transformers' BERT, scipy.signal and torchvision's datasets
-    (2.5 s on the 2-core CPU machine). In a process of its own: this test session imports torchmetrics elsewhere."""
+def test_building_the_model_imports_neither_torchmetrics_nor_scikit_learn(scene_dir):
+    """splatfacto's set-up imports torchmetrics for a PSNR and an LPIPS metric that igs2gs replaces (the package's
+    import pulls in its text and audio metrics, transformers' BERT, scipy.signal and torchvision's datasets: 2.5 s on
+    the 2-core CPU machine), and scikit-learn (~2 s) for the neighbours of the points it starts from, which for an
+    edit are a few placeholders (``seed_points_used``) that the checkpoint replaces. In a process of its own: this
+    test session imports both elsewhere."""
     build = f"""
 import json, sys
 from pathlib import Path
@@ -107,13 +109,28 @@ from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataPars
 from igs2gs.model import IGS2GSModelConfig
 outputs = NerfstudioDataParserConfig(data=Path({str(scene_dir)!r})).setup().get_dataparser_outputs("train")
 model = IGS2GSModelConfig(lpips_pretrained_backbone=False).setup(scene_box=outputs.scene_box, num_train_data=len(outputs.image_filenames))
-print(json.dumps({{"imported": sorted(name for name in sys.modules if name.split(".")[0] == "torchmetrics"),
-                  "metrics": [type(model.psnr).__name__, type(model.lpips).__name__]}}))
+print(json.dumps({{"imported": sorted(name for name in sys.modules if name.split(".")[0] in ("torchmetrics", "sklearn")),
+                  "metrics": [type(model.psnr).__name__, type(model.lpips).__name__],
+                  "points": model.num_points, "num_random": model.config.num_random}}))
 """
     result = subprocess.run([sys.executable, "-c", build], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(result.stdout.strip().splitlines()[-1])
-    assert figures == {"imported": [], "metrics": ["BatchPSNR", "DeferredLPIPSMetric"]}
+    # No seed points given: splatfacto's random start, of seed_points_used points (its config left as it was).
+    assert figures == {"imported": [], "metrics": ["BatchPSNR", "DeferredLPIPSMetric"], "points": 16, "num_random": 50000}
+
+
+def test_the_neighbour_search_of_a_few_points_finds_what_scikit_learn_finds():
+    from nerfstudio.models.splatfacto import SplatfactoModel
+
+    from igs2gs.model import IGS2GSModel
+
+    points = torch.rand(300, 3, generator=torch.Generator().manual_seed(0))
+    distances, indices = IGS2GSModel.k_nearest_sklearn(None, points, 3)  # type: ignore[arg-type]
+    expected_distances, expected_indices = SplatfactoModel.k_nearest_sklearn(None, points, 3)  # type: ignore[arg-type]
+    assert distances.dtype == expected_distances.dtype and indices.dtype == expected_indices.dtype
+    assert distances.shape == expected_distances.shape == (300, 3)
+    assert abs(distances - expected_distances).max() < 1e-6 and (indices == expected_indices).all()
 
 
 @pytest.mark.parametrize("densify", [False, True])

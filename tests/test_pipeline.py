@@ -227,19 +227,24 @@ def test_optimizers_act_on_the_loaded_gaussians(scene_dir, splatfacto_run, tiny_
     assert writer.GLOBAL_BUFFER["max_iter"] == trainer.pipeline.edit_end_step == trainer._start_step - 1 + 7500  # the default length
 
 
-def test_the_model_is_built_from_a_few_seed_points_and_holds_the_checkpoints_gaussians(
+def test_an_edit_reads_no_point_cloud_and_its_model_holds_the_checkpoints_gaussians(
     scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path, monkeypatch
 ):
-    """splatfacto's start from the scene's seed points (800 here) is replaced by the checkpoint's Gaussians: the
-    model's set-up searches the neighbours of a few (``seed_points_used``), and the loaded Gaussians are the checkpoint's."""
-    from nerfstudio.models.splatfacto import SplatfactoModel
+    """splatfacto's start from the scene's point cloud (800 points here) is replaced by the checkpoint's Gaussians:
+    an edit's set-up reads no point cloud (nerfstudio-data's reader imports open3d: 2.8 s on the 2-core CPU machine),
+    neither for the scene check nor for the datamanager, and its model starts from a few random points
+    (``seed_points_used``) whose neighbours it searches; the loaded Gaussians are the checkpoint's."""
+    from nerfstudio.data.dataparsers.nerfstudio_dataparser import Nerfstudio
 
-    from igs2gs.model import IGS2GSModelConfig
+    from igs2gs.model import IGS2GSModel, IGS2GSModelConfig
 
-    searched = []
-    k_nearest = SplatfactoModel.k_nearest_sklearn
-    monkeypatch.setattr(SplatfactoModel, "k_nearest_sklearn", lambda self, x, k: searched.append(len(x)) or k_nearest(self, x, k))
+    read, searched = [], []
+    read_points = Nerfstudio._load_3D_points
+    monkeypatch.setattr(Nerfstudio, "_load_3D_points", lambda self, *args: read.append(args[0]) or read_points(self, *args))
+    k_nearest = IGS2GSModel.k_nearest_sklearn
+    monkeypatch.setattr(IGS2GSModel, "k_nearest_sklearn", lambda self, x, k: searched.append(len(x)) or k_nearest(self, x, k))
     trainer = make_trainer(scene_dir, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, "seed")
+    assert read == [] and "points3D_xyz" not in trainer.pipeline.datamanager.train_dataparser_outputs.metadata
     assert searched == [IGS2GSModelConfig().seed_points_used] == [16]
     saved = torch.load(latest_checkpoint(splatfacto_run), map_location="cpu", weights_only=False)["pipeline"]
     for name in GAUSSIANS:
