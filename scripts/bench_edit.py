@@ -119,7 +119,7 @@ class GcClock:
 
 
 class WarmUpClock:
-    """When each editor warm-up thread (``WarmUp``) started while installed began and ended (perf_counter): whether it
+    """When each editors' warm-up (``WarmUp``) made while installed began and ended (perf_counter): whether its thread
     still ran when training began. With packages, the time before the first step was 1.47-1.58 s against
     0.26-0.39 s eager (H100, 2026-12-07); a guess to check: a package's first call holds the GIL while its
     kernels load, stalling the viewer's scene set-up beside it."""
