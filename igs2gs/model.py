@@ -125,7 +125,8 @@ def torchmetrics_standing_in(psnr: nn.Module, lpips: nn.Module) -> Iterator[None
     it gets these instead, and torchmetrics is not imported: its package imports every metric it has (text, audio,
     transformers' BERT, scipy.signal, torchvision's datasets: 2.5 s on a 2-core CPU) and its LPIPS downloads AlexNet.
     Only the two modules splatfacto imports are stood in for, and only meanwhile (set-up imports nothing else of
-    torchmetrics in other threads)."""
+    torchmetrics in other threads); not ``mock.patch.dict(sys.modules)``, whose exit would also drop every module
+    imported meanwhile."""
     image, lpip = types.ModuleType("torchmetrics.image"), types.ModuleType("torchmetrics.image.lpip")
     image.PeakSignalNoiseRatio = lambda **_: psnr  # type: ignore[attr-defined]
     lpip.LearnedPerceptualImagePatchSimilarity = lambda **_: lpips  # type: ignore[attr-defined]
@@ -218,7 +219,8 @@ class IGS2GSModel(SplatfactoModel):
         alone takes ~2 s."""
         if len(x) > NEIGHBOURS_BY_TORCH_UP_TO:
             return super().k_nearest_sklearn(x, k)
-        distances, indices = torch.cdist(x.detach().cpu().double(), x.detach().cpu().double()).topk(k + 1, largest=False)
+        points = x.detach().cpu().double()
+        distances, indices = torch.cdist(points, points).topk(k + 1, largest=False)
         return distances[:, 1:].numpy().astype(np.float32), indices[:, 1:].numpy().astype(np.float32)
 
     # ----------------------------------------------------------------------------- schedule
