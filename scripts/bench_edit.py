@@ -29,7 +29,6 @@ import os
 import pstats
 import sys
 import time
-import types
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -283,29 +282,6 @@ class PythonStepProfiler(StepWindow):
         return {"per": "step", **python_profile_figures(self.profiler, self.steps, self.rows)}
 
 
-class TorchWithUncheckedInverse(types.ModuleType):
-    """``torch``, except that ``inverse`` is ``linalg.inv_ex`` without its error check (for ``--gsplat-unchecked-inverse``).
-
-    gsplat's ``rasterization`` finds the camera centres for the SH view directions with ``torch.inverse``, whose
-    CUDA error check copies a flag to the host: the host waits for the GPU there once per step. A view matrix is
-    always invertible, so the check finds nothing; without it the host queues the step's next kernels at once.
-    """
-
-    def __getattr__(self, name: str):
-        return getattr(torch, name)
-
-    @staticmethod
-    def inverse(matrices: torch.Tensor) -> torch.Tensor:
-        return torch.linalg.inv_ex(matrices).inverse
-
-
-def use_unchecked_inverse_in_gsplat() -> None:
-    """Give gsplat's rendering module :class:`TorchWithUncheckedInverse` in place of ``torch`` (this process only)."""
-    import gsplat.rendering
-
-    gsplat.rendering.torch = TorchWithUncheckedInverse("torch")
-
-
 def reference_s_per_view(pipeline, model: str, views: int) -> float:
     """Seconds per view of a reference-style sweep: render, edit alone with offload, swap."""
     from igs2gs.ip2p import InstructPix2Pix
@@ -351,7 +327,7 @@ def main() -> None:
     parser.add_argument("--overlap", action="store_true", help="--pipeline.overlap-edits: edits run while training goes on")
     parser.add_argument("--ip2p-devices", help="--pipeline.ip2p-devices, e.g. cuda:1,cuda:2 (compare sweep_s with a one-device run)")
     parser.add_argument("--reference-views", type=int, default=0, help="views of a reference-style sweep to time")
-    parser.add_argument("--gsplat-unchecked-inverse", action="store_true", help="gsplat's camera-centre inverse without its error check (one host wait less per step; an experiment, not the product)")
+    parser.add_argument("--gsplat-checked-inverse", action="store_true", help="--pipeline.model.gsplat-unchecked-inverse False: gsplat's camera-centre inverse with its error check (one host wait more per step)")
     parser.add_argument("--no-warm-up", action="store_true", help="no editor warm-up beside set-up (the first sweep pays it)")
     parser.add_argument("--setup-only", action="store_true", help="stop after set-up: JSON setup_s (and setup_profile) only")
     parser.add_argument("--profile-steps", type=int, default=0, help="profile this many training steps with cProfile, then as many with torch.profiler (0: none)")
@@ -373,8 +349,6 @@ def main() -> None:
         parser.error("--train-on oracle swaps the single editor; it does not combine with --overlap or --ip2p-devices")
 
     torch.backends.cudnn.benchmark = True  # as in ns-train, whose train.py sets it for every method
-    if args.gsplat_unchecked_inverse:
-        use_unchecked_inverse_in_gsplat()
     if args.no_warm_up:
         from igs2gs.pipeline import IGS2GSPipeline
 
@@ -387,7 +361,10 @@ def main() -> None:
         setup_profiler.enable()
     trainer = edit_trainer(
         args.data, args.load_dir, args.output_dir, steps=args.steps, vis=args.vis,
-        model=dict(lpips_loss_mult=args.lpips_loss_mult, lpips_bf16=not args.lpips_fp32, lpips_cuda_graph=not args.lpips_eager),
+        model=dict(
+            lpips_loss_mult=args.lpips_loss_mult, lpips_bf16=not args.lpips_fp32, lpips_cuda_graph=not args.lpips_eager,
+            gsplat_unchecked_inverse=not args.gsplat_checked_inverse,
+        ),
         prompt=args.prompt, gs_steps=args.gs_steps, ip2p_model=args.ip2p_model, ip2p_compile=COMPILE_MODES[args.compile],
         overlap_edits=args.overlap, ip2p_devices=args.ip2p_devices,
     )
@@ -479,7 +456,7 @@ def main() -> None:
         "lpips": ("float32" if args.lpips_fp32 else "bf16") + (" eager" if args.lpips_eager else " CUDA graph"),
         "ip2p_devices": args.ip2p_devices,
         "editor_warm_up": not args.no_warm_up,
-        "gsplat_inverse": "unchecked" if args.gsplat_unchecked_inverse else "checked",
+        "gsplat_inverse": "checked" if args.gsplat_checked_inverse else "unchecked",
         "sweep_s_means": "time training waited for sweeps (render + swap with --overlap)",
         "step_times": step_time_profile(
             step_ends, trainer._start_step, [int(s["step"]) for s in sweeps],

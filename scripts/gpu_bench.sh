@@ -10,7 +10,7 @@
 #   bash scripts/gpu_bench.sh reconstruct DATA  # splatfacto 15k of a second scene alone, for its `edit` (e.g. ~100 views:
 #                                            # python3 scripts/make_scene.py outputs/scene100 --views 100 --size 512)
 #   bash scripts/gpu_bench.sh extra DATA     # the editor alone (bench_ip2p: reference-style, eager, packaged), and the
-#                                            # default edit with --gsplat-unchecked-inverse (A/B with edit's first run)
+#                                            # default edit with --gsplat-checked-inverse (A/B with edit's first run)
 #   bash scripts/gpu_bench.sh batch DATA     # the editor alone at another packaged batch, TRY_BATCH (default 19: 73
 #                                            # views in four batches instead of five of 15): s/edit and peak memory
 #
@@ -113,7 +113,7 @@ extra)
     python3 scripts/bench_ip2p.py --model "$editor" --views 45 --batch-sizes 15 --reference-views 2 --compile-batch 15 \
         --variants compiled --json "$results/ip2p.json" > "$results/ip2p.log" 2>&1
     echo "bench_ip2p: exit $?"; tail -n 12 "$results/ip2p.log"
-    bench_edit cached_unchecked_inverse --compile cached --gsplat-unchecked-inverse
+    bench_edit cached_checked_inverse --compile cached --gsplat-checked-inverse
     ;;
 batch)  # compiles the packages for this batch first (UNet 148-196 s on an H100)
     try=${TRY_BATCH:-19}

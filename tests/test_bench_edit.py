@@ -135,19 +135,3 @@ def test_bench_edit_refuses_profile_windows_longer_than_the_run_before_anything_
     result = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert "--profile-steps 60 needs at least 221 --steps" in result.stderr
-
-
-def test_unchecked_inverse_is_torch_s_inverse_and_leaves_the_rest_of_torch_to_gsplat(monkeypatch):
-    import gsplat.rendering
-
-    from bench_edit import TorchWithUncheckedInverse, use_unchecked_inverse_in_gsplat
-
-    monkeypatch.setattr(gsplat.rendering, "torch", gsplat.rendering.torch)  # restored after the test
-    use_unchecked_inverse_in_gsplat()
-    proxy = gsplat.rendering.torch
-    assert isinstance(proxy, TorchWithUncheckedInverse)
-    rotation, _ = torch.linalg.qr(torch.randn(2, 3, 3, generator=torch.Generator().manual_seed(0)))
-    viewmats = torch.eye(4).repeat(2, 1, 1)
-    viewmats[:, :3, :3], viewmats[:, :3, 3] = rotation, torch.tensor([[1.0, 2.0, 3.0], [-1.0, 0.5, 2.0]])
-    assert torch.allclose(proxy.inverse(viewmats), torch.inverse(viewmats), atol=1e-6)
-    assert proxy.zeros is torch.zeros and proxy.Tensor is torch.Tensor and proxy.distributed is torch.distributed

@@ -96,6 +96,29 @@ def test_splatfacto_computes_its_view_matrices_with_igs2gs_view_matrix_once_the_
     assert torch.allclose(gradient, expected_gradient, atol=1e-4)
 
 
+@pytest.mark.parametrize("unchecked", [True, False])
+def test_the_model_gives_gsplat_the_inverse_its_config_asks_for(scene_dir, monkeypatch, unchecked):
+    import gsplat.rendering
+    from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
+
+    from igs2gs.model import IGS2GSModelConfig, TorchWithUncheckedInverse
+
+    monkeypatch.setattr(gsplat.rendering, "torch", TorchWithUncheckedInverse("torch") if not unchecked else torch)  # the other
+    outputs = NerfstudioDataParserConfig(data=scene_dir).setup().get_dataparser_outputs("train")
+    config = IGS2GSModelConfig(lpips_pretrained_backbone=False, gsplat_unchecked_inverse=unchecked)
+    config.setup(scene_box=outputs.scene_box, num_train_data=len(outputs.image_filenames))
+    proxy = gsplat.rendering.torch
+    if not unchecked:
+        assert proxy is torch
+        return
+    assert isinstance(proxy, TorchWithUncheckedInverse)
+    rotation, _ = torch.linalg.qr(torch.randn(2, 3, 3, generator=torch.Generator().manual_seed(0)))
+    viewmats = torch.eye(4).repeat(2, 1, 1)
+    viewmats[:, :3, :3], viewmats[:, :3, 3] = rotation, torch.tensor([[1.0, 2.0, 3.0], [-1.0, 0.5, 2.0]])
+    assert torch.allclose(proxy.inverse(viewmats), torch.inverse(viewmats), atol=1e-6)
+    assert proxy.zeros is torch.zeros and proxy.Tensor is torch.Tensor and proxy.distributed is torch.distributed
+
+
 def test_building_the_model_imports_neither_torchmetrics_nor_scikit_learn(scene_dir):
     """splatfacto's set-up imports torchmetrics for a PSNR and an LPIPS metric that igs2gs replaces (the package's
     import pulls in its text and audio metrics, transformers' BERT, scipy.signal and torchvision's datasets: 2.5 s on
