@@ -117,6 +117,7 @@ class IGS2GSDataManager(FullImageDatamanager):
             self.train_unseen_cameras = self.sample_train_cameras()
         data = dict(self.cached_train[view])  # a copy: the cache entry must not change
         data["image"] = data["image"].to(self.device)
+        data["image_generation"] = self.image_generations[view]  # the loss keeps what it derives from one image
         return copy.copy(self._view_cameras[view]), data
 
     @cached_property
@@ -132,6 +133,11 @@ class IGS2GSDataManager(FullImageDatamanager):
     def original_images(self) -> List[Tensor]:
         """The undistorted training photos [H, W, 3 or 4 (alpha)], as cached before any edit."""
         return [entry["image"].clone() for entry in self.cached_train]
+
+    @cached_property
+    def image_generations(self) -> List[int]:
+        """Per training view, how many times its image was replaced (0: the photo)."""
+        return [0] * len(self.cached_train)
 
     @property
     def image_names(self) -> List[str]:
@@ -178,6 +184,7 @@ class IGS2GSDataManager(FullImageDatamanager):
                 edit = self._with_photo_alpha(edit, photos[view_id])
             image = edit if current.dtype == torch.uint8 else edit.float() / 255.0
             entry["image"] = image.to(current.device, current.dtype)
+            self.image_generations[view_id] += 1
 
     def _with_photo_alpha(self, edit: Tensor, photo: Tensor) -> Tensor:
         """A uint8 edit drawn over ``background`` as uint8 straight RGBA with the photo's alpha: composited over

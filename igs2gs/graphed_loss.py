@@ -15,12 +15,12 @@ from __future__ import annotations
 import contextlib
 import threading
 import warnings
-from typing import Callable, Dict, Iterator, Optional, Tuple
+from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-LossFunction = Callable[[Tensor, Tensor], Tensor]
+LossFunction = Callable[..., Tensor]  # (prediction, *targets) -> scalar
 
 
 class CaptureGate:
@@ -63,14 +63,13 @@ CAPTURE_GATE = CaptureGate()
 
 
 class _LossGraph:
-    """One captured ``loss_fn(prediction, target)`` and ``d loss / d prediction`` for one input shape."""
+    """One captured ``loss_fn(prediction, *targets)`` and ``d loss / d prediction`` for one set of input shapes."""
 
-    def __init__(self, loss_fn: LossFunction, prediction: Tensor, target: Tensor, warmup: int = 3) -> None:
+    def __init__(self, loss_fn: LossFunction, prediction: Tensor, targets: Sequence[Tensor], warmup: int = 3) -> None:
         self.prediction = torch.zeros_like(prediction, requires_grad=True)
-        self.target = torch.zeros_like(target)
+        self.targets = [torch.zeros_like(target) for target in targets]
         with torch.no_grad():  # warm up and capture on real values: no NaN paths in the warm-up
-            self.prediction.copy_(prediction)
-            self.target.copy_(target)
+            self._fill(prediction, targets)
         with torch.cuda.device(prediction.device):  # the capture stream is made on the current device
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -82,15 +81,19 @@ class _LossGraph:
             with CAPTURE_GATE.exclusive(), torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                 self.loss, self.gradient = self._loss_and_gradient(loss_fn)
 
+    def _fill(self, prediction: Tensor, targets: Sequence[Tensor]) -> None:
+        self.prediction.copy_(prediction)
+        for static, target in zip(self.targets, targets):
+            static.copy_(target)
+
     def _loss_and_gradient(self, loss_fn: LossFunction) -> Tuple[Tensor, Tensor]:
-        loss = loss_fn(self.prediction, self.target)
+        loss = loss_fn(self.prediction, *self.targets)
         (gradient,) = torch.autograd.grad(loss, self.prediction)
         return loss.detach(), gradient
 
-    def replay(self, prediction: Tensor, target: Tensor) -> Tuple[Tensor, Tensor]:
+    def replay(self, prediction: Tensor, targets: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
         with torch.no_grad(), torch.cuda.device(self.prediction.device):
-            self.prediction.copy_(prediction)
-            self.target.copy_(target)
+            self._fill(prediction, targets)
             self.graph.replay()
             return self.loss.clone(), self.gradient.clone()
 
@@ -99,47 +102,48 @@ class _Replayed(torch.autograd.Function):
     """The graph's loss as an autograd node whose backward scales the captured gradient."""
 
     @staticmethod
-    def forward(ctx, prediction: Tensor, target: Tensor, graph: _LossGraph) -> Tensor:  # type: ignore[override]
-        loss, gradient = graph.replay(prediction.detach(), target.detach())
+    def forward(ctx, prediction: Tensor, graph: _LossGraph, *targets: Tensor) -> Tensor:  # type: ignore[override]
+        loss, gradient = graph.replay(prediction.detach(), [target.detach() for target in targets])
         ctx.save_for_backward(gradient)
+        ctx.targets = len(targets)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):  # type: ignore[override]
         (gradient,) = ctx.saved_tensors
-        return grad_loss * gradient, None, None
+        return (grad_loss * gradient, None, *[None] * ctx.targets)
 
 
 class GraphedLoss:
-    """``loss_fn(prediction, target)`` (a scalar, differentiable in ``prediction`` only) run from a
-    CUDA graph per input shape; eager on CPU, past ``max_graphs`` shapes, or if a capture fails."""
+    """``loss_fn(prediction, *targets)`` (a scalar, differentiable in ``prediction`` only) run from a
+    CUDA graph per set of input shapes; eager on CPU, past ``max_graphs`` shapes, or if a capture fails."""
 
     def __init__(self, loss_fn: LossFunction, max_graphs: int = 4) -> None:
         self.loss_fn = loss_fn
         self.max_graphs = max_graphs
         self._graphs: Dict[Tuple, Optional[_LossGraph]] = {}
 
-    def __call__(self, prediction: Tensor, target: Tensor) -> Tensor:
+    def __call__(self, prediction: Tensor, *targets: Tensor) -> Tensor:
         # Without grad mode there is no gradient to capture: eager, and no graph attempt spoiled for the shape.
-        graph = self._graph_for(prediction, target) if torch.is_grad_enabled() else None
+        graph = self._graph_for(prediction, targets) if torch.is_grad_enabled() else None
         if graph is None:
-            return self.loss_fn(prediction, target)
-        return _Replayed.apply(prediction, target, graph)
+            return self.loss_fn(prediction, *targets)
+        return _Replayed.apply(prediction, graph, *targets)
 
     @property
     def graphs(self) -> int:
         """Shapes served from a captured graph."""
         return sum(graph is not None for graph in self._graphs.values())
 
-    def _graph_for(self, prediction: Tensor, target: Tensor) -> Optional[_LossGraph]:
+    def _graph_for(self, prediction: Tensor, targets: Sequence[Tensor]) -> Optional[_LossGraph]:
         if prediction.device.type != "cuda" or not prediction.requires_grad:
             return None
-        key = (tuple(prediction.shape), tuple(target.shape), prediction.dtype, target.dtype, prediction.device)
+        key = (prediction.device, *((tuple(tensor.shape), tensor.dtype) for tensor in (prediction, *targets)))
         if key not in self._graphs:
             if len(self._graphs) >= self.max_graphs:
                 return None
             try:
-                self._graphs[key] = _LossGraph(self.loss_fn, prediction.detach(), target.detach())
+                self._graphs[key] = _LossGraph(self.loss_fn, prediction.detach(), [target.detach() for target in targets])
             except RuntimeError as error:
                 warnings.warn(f"CUDA graph capture of the loss failed ({error}); computing it eagerly for {key[0]}")
                 self._graphs[key] = None

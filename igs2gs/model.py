@@ -15,7 +15,7 @@ import socket
 import sys
 import types
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, Literal, Optional, Tuple, Type, Union
+from typing import Dict, Iterator, List, Literal, Optional, Sequence, Tuple, Type, Union
 
 import numpy as np
 import torch
@@ -55,7 +55,28 @@ def build_lpips(net: Literal["alex", "vgg"], pretrained_backbone: bool) -> nn.Mo
         ) from None
     finally:
         socket.setdefaulttimeout(previous_timeout)
+    assert model.version == "0.1" and model.lpips and not model.spatial  # what lpips_features/lpips_from_features split
     return model.eval().requires_grad_(False)
+
+
+def tensor_bytes(tensors: Sequence[Tensor]) -> int:
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+
+def lpips_features(network: nn.Module, images: Tensor) -> List[Tensor]:
+    """The unit-normalised backbone features LPIPS compares, of [B,3,H,W] images in [0,1]: the first half of
+    ``lpips.LPIPS.forward(..., normalize=True)``, so that a training view's can be computed once per image."""
+    import lpips
+
+    return [lpips.normalize_tensor(output) for output in network.net(network.scaling_layer(2 * images - 1))]
+
+
+def lpips_from_features(network: nn.Module, features: Sequence[Tensor], target_features: Sequence[Tensor]) -> Tensor:
+    """The second half of ``lpips.LPIPS.forward``: the [B,1,1,1] LPIPS of two images from their :func:`lpips_features`."""
+    import lpips
+
+    layers = zip(network.lins, features, target_features)
+    return sum(lpips.spatial_average(lin((ours - theirs) ** 2), keepdim=True) for lin, ours, theirs in layers)
 
 
 class DeferredLPIPSMetric(nn.Module):
@@ -189,6 +210,8 @@ class IGS2GSModelConfig(SplatfactoModelConfig):
     """On CUDA, evaluate the LPIPS loss under bfloat16 autocast (19.8 -> 17.2 ms per step on a 470k-splat 512px scene; the L1 term stays float32)."""
     lpips_cuda_graph: bool = True
     """On CUDA, replay the LPIPS loss and its gradient from a CUDA graph per image size: its ~100 small kernels are launch-bound (stone_horse, 467k splats, 512px: 88.5 vs 53.1 steps/s)."""
+    lpips_target_cache_mb: int = 1024
+    """Keep each training view's LPIPS target features until its image is replaced, instead of computing them in every step (AlexNet under bf16 autocast: 10.6 MB per 512² view, float32 after LPIPS's normalisation); views past this many MB are computed per step. 0: none kept."""
     lpips_pretrained_backbone: bool = True
     """Use torchvision's ImageNet weights for the LPIPS backbone (downloaded once). False: untrained backbone (offline tests)."""
     rasterizer: Literal["auto", "gsplat", "torch"] = "auto"
@@ -240,6 +263,10 @@ class IGS2GSModel(SplatfactoModel):
         use_unchecked_inverse_in_gsplat(self.config.gsplat_unchecked_inverse)
         self.refine_origin: Optional[int] = 0  # step splatfacto's densification schedule counts from; None: no densification
         self._graphed_lpips: Optional[GraphedLoss] = None  # built on the first CUDA training step
+        self._graphed_lpips_of_kept: Optional[GraphedLoss] = None  # the same against kept target features
+        self._lpips_targets: Dict[int, Tuple[Tuple, List[Tensor]]] = {}  # view -> (image generation and size, features)
+        self._lpips_target_bytes = 0
+        self._lpips_view_bytes = 0  # the largest view's features: a view not kept yet is computed only if it fits
         # The trainer writes training metrics every steps_per_log steps only and sets this to match (IGS2GSTrainer).
         self.training_metrics_every = 1
 
@@ -346,19 +373,62 @@ class IGS2GSModel(SplatfactoModel):
             return {}
         return super().get_metrics_dict(outputs, batch)
 
-    def _lpips_eager(self, prediction: Tensor, target: Tensor) -> Tensor:
-        half = self.config.lpips_bf16 and prediction.device.type == "cuda"
+    def _lpips_autocast(self, device: torch.device) -> torch.autocast:
+        half = self.config.lpips_bf16 and device.type == "cuda"
         # cache_enabled=False: autocast's weight-cast cache must not outlive a CUDA graph capture.
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=half, cache_enabled=False):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=half, cache_enabled=False)
+
+    def _lpips_eager(self, prediction: Tensor, target: Tensor) -> Tensor:
+        with self._lpips_autocast(prediction.device):
             return self.lpips.network(prediction.device)(prediction, target, normalize=True).mean().float()
 
-    def lpips_loss(self, prediction: Tensor, target: Tensor) -> Tensor:
-        """Mean LPIPS of [1,3,H,W] images in [0,1], from a CUDA graph where configured."""
-        if not (self.config.lpips_cuda_graph and prediction.device.type == "cuda"):
+    def _lpips_of_kept_eager(self, prediction: Tensor, *target_features: Tensor) -> Tensor:
+        network = self.lpips.network(prediction.device)
+        with self._lpips_autocast(prediction.device):
+            return lpips_from_features(network, lpips_features(network, prediction), target_features).mean().float()
+
+    def lpips_loss(self, prediction: Tensor, target: Tensor, target_features: Optional[Sequence[Tensor]] = None) -> Tensor:
+        """Mean LPIPS of [1,3,H,W] images in [0,1] (or against the target's ``target_features``, from
+        :meth:`kept_lpips_target`), from a CUDA graph where configured."""
+        graphed = self.config.lpips_cuda_graph and prediction.device.type == "cuda"
+        if target_features is not None:
+            if not graphed:
+                return self._lpips_of_kept_eager(prediction, *target_features)
+            if self._graphed_lpips_of_kept is None:
+                self._graphed_lpips_of_kept = GraphedLoss(self._lpips_of_kept_eager)
+            return self._graphed_lpips_of_kept(prediction, *target_features)
+        if not graphed:
             return self._lpips_eager(prediction, target)
         if self._graphed_lpips is None:
             self._graphed_lpips = GraphedLoss(self._lpips_eager)
         return self._graphed_lpips(prediction, target)
+
+    def kept_lpips_target(self, batch: Dict, target: Tensor) -> Optional[List[Tensor]]:
+        """The LPIPS features of a training view's ``target`` [1,3,H,W], computed once per image the datamanager
+        gives the view (its ``image_generation``) and kept within ``lpips_target_cache_mb``; None where they are
+        not kept: not training, an image with alpha (its target is drawn over a random background each step), or a
+        batch without a generation."""
+        generation, budget = batch.get("image_generation"), self.config.lpips_target_cache_mb * 2**20
+        if generation is None or not self.training or batch["image"].shape[-1] != 3:
+            return None
+        view, key = int(batch["image_idx"]), (generation, tuple(target.shape))
+        kept = self._lpips_targets.pop(view, None)
+        if kept is not None and kept[0] == key:
+            self._lpips_targets[view] = kept
+            return kept[1]
+        if kept is not None:
+            self._lpips_target_bytes -= tensor_bytes(kept[1])
+        elif self._lpips_target_bytes + self._lpips_view_bytes > budget:
+            return None  # full (or off): this view's whole loss runs from its own graph
+        network = self.lpips.network(target.device)
+        with torch.no_grad(), self._lpips_autocast(target.device):
+            features = lpips_features(network, target)
+        size = tensor_bytes(features)
+        self._lpips_view_bytes = max(self._lpips_view_bytes, size)
+        if self._lpips_target_bytes + size <= budget:
+            self._lpips_target_bytes += size
+            self._lpips_targets[view] = (key, features)
+        return features
 
     def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, Tensor]:
         """L1 + LPIPS against the current training image (an edit once the first sweep ran)."""
@@ -370,7 +440,9 @@ class IGS2GSModel(SplatfactoModel):
         loss_dict = {"main_loss": self.config.l1_loss_mult * torch.abs(target - prediction).mean()}
         if self.config.lpips_loss_mult > 0:
             as_batch = lambda image: image.permute(2, 0, 1)[None].clamp(0, 1)  # noqa: E731
-            loss_dict["lpips_loss"] = self.config.lpips_loss_mult * self.lpips_loss(as_batch(prediction), as_batch(target))
+            target_features = self.kept_lpips_target(batch, as_batch(target))
+            lpips = self.lpips_loss(as_batch(prediction), as_batch(target), target_features)
+            loss_dict["lpips_loss"] = self.config.lpips_loss_mult * lpips
         if self.training:
             self.camera_optimizer.get_loss_dict(loss_dict)
         return loss_dict

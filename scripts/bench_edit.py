@@ -324,6 +324,7 @@ def main() -> None:
     )
     parser.add_argument("--lpips-fp32", action="store_true", help="LPIPS loss in float32 (as the reference)")
     parser.add_argument("--lpips-eager", action="store_true", help="LPIPS loss launched op by op, not replayed from a CUDA graph")
+    parser.add_argument("--no-lpips-target-cache", action="store_true", help="--pipeline.model.lpips-target-cache-mb 0: every step computes its target's LPIPS features")
     parser.add_argument("--overlap", action="store_true", help="--pipeline.overlap-edits: edits run while training goes on")
     parser.add_argument("--ip2p-devices", help="--pipeline.ip2p-devices, e.g. cuda:1,cuda:2 (compare sweep_s with a one-device run)")
     parser.add_argument("--reference-views", type=int, default=0, help="views of a reference-style sweep to time")
@@ -364,6 +365,7 @@ def main() -> None:
         model=dict(
             lpips_loss_mult=args.lpips_loss_mult, lpips_bf16=not args.lpips_fp32, lpips_cuda_graph=not args.lpips_eager,
             gsplat_unchecked_inverse=not args.gsplat_checked_inverse,
+            **({"lpips_target_cache_mb": 0} if args.no_lpips_target_cache else {}),  # else the model's default
         ),
         prompt=args.prompt, gs_steps=args.gs_steps, ip2p_model=args.ip2p_model, ip2p_compile=COMPILE_MODES[args.compile],
         overlap_edits=args.overlap, ip2p_devices=args.ip2p_devices,
@@ -453,7 +455,8 @@ def main() -> None:
         "ip2p_compile": args.compile,
         "editor_packages": sorted(getattr(timed_editor, "_packages", {})),  # the parts that ran compiled
         "overlap_edits": args.overlap,
-        "lpips": ("float32" if args.lpips_fp32 else "bf16") + (" eager" if args.lpips_eager else " CUDA graph"),
+        "lpips": ("float32" if args.lpips_fp32 else "bf16") + (" eager" if args.lpips_eager else " CUDA graph")
+        + (", targets per step" if args.no_lpips_target_cache else ", targets kept"),
         "ip2p_devices": args.ip2p_devices,
         "editor_warm_up": not args.no_warm_up,
         "gsplat_inverse": "checked" if args.gsplat_checked_inverse else "unchecked",

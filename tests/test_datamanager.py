@@ -48,3 +48,18 @@ def test_rescaling_a_handed_out_camera_leaves_the_cached_one_alone(trainer):
     assert torch.equal(cached.width, width) and torch.equal(cached.fx, fx)
     again, _ = datamanager.next_train(1)
     assert torch.equal(datamanager._view_cameras[view].get_intrinsics_matrices()[0, 0, 0], fx[0, 0])
+
+
+def test_a_view_s_image_generation_counts_its_replacements_and_comes_with_its_batch(trainer):
+    datamanager = trainer.pipeline.datamanager
+    camera, data = datamanager.next_train(0)
+    view = camera.metadata["cam_idx"]
+    before = data["image_generation"]
+    height, width = data["image"].shape[:2]
+    datamanager.replace_uint8({view: torch.zeros(height, width, 3, dtype=torch.uint8)})
+    assert datamanager.image_generations[view] == before + 1
+    for step in range(1, 3 * len(datamanager.cached_train)):
+        camera, data = datamanager.next_train(step)
+        if camera.metadata["cam_idx"] == view:
+            break
+    assert camera.metadata["cam_idx"] == view and data["image_generation"] == before + 1

@@ -20,11 +20,11 @@ def test_replayed_node_scales_the_captured_gradient_by_the_upstream_gradient():
     """The autograd node's backward (device-independent): d(3·loss)/dp = 3·captured gradient."""
 
     class Captured:
-        def replay(self, prediction, target):
+        def replay(self, prediction, targets):
             return torch.tensor(7.0), torch.full_like(prediction, 0.5)
 
     prediction = torch.rand(1, 3, 4, 4, requires_grad=True)
-    loss = _Replayed.apply(prediction, torch.rand(1, 3, 4, 4), Captured())
+    loss = _Replayed.apply(prediction, Captured(), torch.rand(1, 3, 4, 4), torch.rand(2))
     (3 * loss).backward()
     assert loss.item() == 7.0
     assert torch.equal(prediction.grad, torch.full_like(prediction, 1.5))

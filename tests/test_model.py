@@ -119,6 +119,93 @@ def test_the_model_gives_gsplat_the_inverse_its_config_asks_for(scene_dir, monke
     assert proxy.zeros is torch.zeros and proxy.Tensor is torch.Tensor and proxy.distributed is torch.distributed
 
 
+def test_lpips_from_the_two_images_features_is_lpips_of_the_two_images():
+    from igs2gs.model import lpips_features, lpips_from_features
+
+    network = build_lpips("alex", pretrained_backbone=False)
+    generator = torch.Generator().manual_seed(0)
+    ours, theirs = torch.rand(2, 1, 3, 64, 80, generator=generator)
+    split = lpips_from_features(network, lpips_features(network, ours), lpips_features(network, theirs))
+    assert torch.allclose(split, network(ours, theirs, normalize=True), rtol=1e-5, atol=1e-7)
+
+
+def _model_in_training(scene_dir, **config):
+    from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
+
+    from igs2gs.model import IGS2GSModelConfig
+
+    outputs = NerfstudioDataParserConfig(data=scene_dir).setup().get_dataparser_outputs("train")
+    model = IGS2GSModelConfig(lpips_pretrained_backbone=False, **config).setup(
+        scene_box=outputs.scene_box, num_train_data=len(outputs.image_filenames)
+    )
+    return model.train()
+
+
+def test_a_view_s_lpips_target_is_computed_once_per_image_and_kept_within_its_budget(scene_dir, monkeypatch):
+    import igs2gs.model
+
+    computed = []
+    features = igs2gs.model.lpips_features
+    monkeypatch.setattr(igs2gs.model, "lpips_features", lambda net, images: computed.append(1) or features(net, images))
+    model = _model_in_training(scene_dir)
+    view_bytes = 64 * 15 * 15 * 4 + 192 * 7 * 7 * 4 + (384 + 256 + 256) * 3 * 3 * 4  # AlexNet's layers at 64x64, float32
+    model.config.lpips_target_cache_mb = 2.5 * view_bytes / 2**20  # room for two views
+    images = torch.rand(4, 64, 64, 3)
+    target = lambda view: images[view].permute(2, 0, 1)[None]  # noqa: E731
+    batch = lambda view, generation=0: {"image_idx": view, "image": images[view], "image_generation": generation}  # noqa: E731
+    first = model.kept_lpips_target(batch(0), target(0))
+    assert model.kept_lpips_target(batch(0), target(0)) is first and len(computed) == 1  # kept
+    assert model.kept_lpips_target(batch(1), target(1)) is not None and len(computed) == 2
+    assert model.kept_lpips_target(batch(2), target(2)) is None and len(computed) == 2  # no room: not even computed
+    replaced = model.kept_lpips_target(batch(0, generation=1), target(3))  # an edit swapped in: its features now
+    assert replaced is not first and len(computed) == 3
+    assert all(torch.equal(a, b) for a, b in zip(replaced, features(model.lpips.network(images.device), target(3))))
+    assert model._lpips_target_bytes == 2 * view_bytes
+    assert model.kept_lpips_target({**batch(0), "image": torch.rand(64, 64, 4)}, target(0)) is None  # alpha: per step
+    assert model.kept_lpips_target({"image_idx": 0, "image": images[0]}, target(0)) is None  # no generation
+    model.eval()
+    assert model.kept_lpips_target(batch(0, generation=1), target(3)) is None and len(computed) == 3
+
+
+def test_the_loss_against_kept_lpips_features_is_the_loss_against_the_image(scene_dir):
+    kept, computed = _model_in_training(scene_dir), _model_in_training(scene_dir, lpips_target_cache_mb=0)
+    computed.lpips.network(torch.device("cpu")).load_state_dict(kept.lpips.network(torch.device("cpu")).state_dict())
+    generator = torch.Generator().manual_seed(1)
+    image, render = torch.rand(2, 48, 40, 3, generator=generator)
+    batch = {"image_idx": 1, "image": image, "image_generation": 0}
+    results = []
+    for model in (kept, kept, computed):  # the second call reads the kept features
+        prediction = render.clone().requires_grad_(True)
+        losses = model.get_loss_dict({"rgb": prediction, "background": torch.zeros(3)}, batch)
+        losses["lpips_loss"].backward()
+        results.append((losses["lpips_loss"].detach(), prediction.grad))
+    assert len(kept._lpips_targets) == 1 and not computed._lpips_targets
+    for loss, gradient in results[:2]:
+        assert torch.allclose(loss, results[2][0], rtol=1e-5) and torch.allclose(gradient, results[2][1], rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_graphed_loss_against_kept_features_is_the_graphed_loss_against_the_image(scene_dir):
+    kept, computed = (_model_in_training(scene_dir, lpips_target_cache_mb=mb).cuda() for mb in (1024, 0))
+    computed.lpips.network(torch.device("cuda")).load_state_dict(kept.lpips.network(torch.device("cuda")).state_dict())
+    generator = torch.Generator("cuda").manual_seed(2)
+    images = torch.rand(3, 96, 128, 3, device="cuda", generator=generator)
+    for step in range(4):  # replays on new renders; the third step's view has a new image
+        image = images[1] if step < 2 else images[2]
+        batch = {"image_idx": 0, "image": image, "image_generation": int(step >= 2)}
+        render = (image + 0.2 * torch.randn(image.shape, device="cuda", generator=generator)).clamp(0, 1)
+        results = []
+        for model in (kept, computed):
+            prediction = render.clone().requires_grad_(True)
+            loss = model.get_loss_dict({"rgb": prediction, "background": torch.zeros(3, device="cuda")}, batch)["lpips_loss"]
+            loss.backward()
+            results.append((loss.item(), prediction.grad))
+        assert results[0][0] == pytest.approx(results[1][0], rel=1e-3)
+        assert torch.allclose(results[0][1], results[1][1], rtol=1e-2, atol=1e-6)
+    assert kept._graphed_lpips_of_kept.graphs == 1 and kept._graphed_lpips is None
+    assert computed._graphed_lpips.graphs == 1 and computed._graphed_lpips_of_kept is None
+
+
 def test_building_the_model_imports_neither_torchmetrics_nor_scikit_learn(scene_dir):
     """splatfacto's set-up imports torchmetrics for a PSNR and an LPIPS metric that igs2gs replaces (the package's
     import pulls in its text and audio metrics, transformers' BERT, scipy.signal and torchvision's datasets: 2.5 s on
