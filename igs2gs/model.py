@@ -60,6 +60,7 @@ def build_lpips(net: Literal["alex", "vgg"], pretrained_backbone: bool) -> nn.Mo
 
 
 def tensor_bytes(tensors: Sequence[Tensor]) -> int:
+    """The memory the tensors' elements take."""
     return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
 
 
@@ -409,7 +410,7 @@ class IGS2GSModel(SplatfactoModel):
         not kept: not training, an image with alpha (its target is drawn over a random background each step), or a
         batch without a generation."""
         generation, budget = batch.get("image_generation"), self.config.lpips_target_cache_mb * 2**20
-        if generation is None or not self.training or batch["image"].shape[-1] != 3:
+        if generation is None or budget <= 0 or not self.training or batch["image"].shape[-1] != 3:
             return None
         view, key = int(batch["image_idx"]), (generation, tuple(target.shape))
         kept = self._lpips_targets.pop(view, None)
@@ -419,7 +420,7 @@ class IGS2GSModel(SplatfactoModel):
         if kept is not None:
             self._lpips_target_bytes -= tensor_bytes(kept[1])
         elif self._lpips_target_bytes + self._lpips_view_bytes > budget:
-            return None  # full (or off): this view's whole loss runs from its own graph
+            return None  # full: this view's whole loss runs from its own graph
         network = self.lpips.network(target.device)
         with torch.no_grad(), self._lpips_autocast(target.device):
             features = lpips_features(network, target)

@@ -165,6 +165,8 @@ def test_a_view_s_lpips_target_is_computed_once_per_image_and_kept_within_its_bu
     assert model.kept_lpips_target({"image_idx": 0, "image": images[0]}, target(0)) is None  # no generation
     model.eval()
     assert model.kept_lpips_target(batch(0, generation=1), target(3)) is None and len(computed) == 3
+    off = _model_in_training(scene_dir, lpips_target_cache_mb=0)  # nothing computed apart from the loss
+    assert off.kept_lpips_target(batch(3), target(3)) is None and len(computed) == 3
 
 
 def test_the_loss_against_kept_lpips_features_is_the_loss_against_the_image(scene_dir):
