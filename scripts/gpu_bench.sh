@@ -6,7 +6,9 @@
 #                                            # the GPU tests, the editor's packages for the sweeps' batch shape
 #   bash scripts/gpu_bench.sh edit DATA      # whole edits: packages from disk (the default, with the reference-style
 #                                            # projection), the same with --pipeline.overlap-edits, and eager
-#                                            # (EDITS: which of cached, cached_overlap, off; default all three)
+#                                            # (EDITS: which of cached, cached_overlap, off, cached_old_step - the
+#                                            # training step before 2026-12-07's second session: gsplat's checked
+#                                            # inverse, LPIPS targets every step; default the first three)
 #   bash scripts/gpu_bench.sh reconstruct DATA  # splatfacto 15k of a second scene alone, for its `edit` (e.g. ~100 views:
 #                                            # python3 scripts/make_scene.py outputs/scene100 --views 100 --size 512)
 #   bash scripts/gpu_bench.sh extra DATA     # the editor alone (bench_ip2p: reference-style, eager, packaged), and the
@@ -26,9 +28,9 @@ phase=${1:-}; data=${2:-}
 if [[ ! "$phase" =~ ^(prepare|edit|extra|batch|reconstruct)$ || ! -d "$data" ]]; then
     echo "$usage (DATA: a nerfstudio scene folder)" >&2; exit 2
 fi
-edit_runs="cached cached_overlap off"  # edit's runs, all by default; EDITS picks some
+edit_runs="cached cached_overlap off"  # edit's runs by default; EDITS picks among these and cached_old_step
 for run in ${EDITS:-}; do
-    [[ " $edit_runs " == *" $run "* ]] || { echo "$usage (EDITS: some of $edit_runs, not $run)" >&2; exit 2; }
+    [[ " $edit_runs cached_old_step " == *" $run "* ]] || { echo "$usage (EDITS: some of $edit_runs cached_old_step, not $run)" >&2; exit 2; }
 done
 work=outputs/gpu_bench
 results=${RESULTS:-$work/results}
@@ -102,6 +104,7 @@ edit)
         cached) bench_edit cached --compile cached --reference-views "${REFERENCE_VIEWS:-2}" ;;
         cached_overlap) bench_edit cached_overlap --compile cached --overlap ;;
         off) bench_edit off --compile off ;;
+        cached_old_step) bench_edit cached_old_step --compile cached --gsplat-checked-inverse --no-lpips-target-cache ;;
         esac
     done
     ;;
