@@ -266,7 +266,6 @@ class IGS2GSModel(SplatfactoModel):
         self._graphed_lpips: Optional[GraphedLoss] = None  # built on the first CUDA training step
         self._graphed_lpips_of_kept: Optional[GraphedLoss] = None  # the same against kept target features
         self._lpips_targets: Dict[int, Tuple[Tuple, List[Tensor]]] = {}  # view -> (image generation and size, features)
-        self._lpips_target_bytes = 0
         self._lpips_view_bytes = 0  # the largest view's features: a view not kept yet is computed only if it fits
         # The trainer writes training metrics every steps_per_log steps only and sets this to match (IGS2GSTrainer).
         self.training_metrics_every = 1
@@ -413,23 +412,24 @@ class IGS2GSModel(SplatfactoModel):
         if generation is None or budget <= 0 or not self.training or batch["image"].shape[-1] != 3:
             return None
         view, key = int(batch["image_idx"]), (generation, tuple(target.shape))
-        kept = self._lpips_targets.pop(view, None)
+        kept = self._lpips_targets.get(view)
         if kept is not None and kept[0] == key:
-            self._lpips_targets[view] = kept
             return kept[1]
-        if kept is not None:
-            self._lpips_target_bytes -= tensor_bytes(kept[1])
-        elif self._lpips_target_bytes + self._lpips_view_bytes > budget:
+        self._lpips_targets.pop(view, None)  # features of the view's earlier image
+        if kept is None and self.lpips_target_bytes + self._lpips_view_bytes > budget:
             return None  # full: this view's whole loss runs from its own graph
         network = self.lpips.network(target.device)
         with torch.no_grad(), self._lpips_autocast(target.device):
             features = lpips_features(network, target)
-        size = tensor_bytes(features)
-        self._lpips_view_bytes = max(self._lpips_view_bytes, size)
-        if self._lpips_target_bytes + size <= budget:
-            self._lpips_target_bytes += size
+        self._lpips_view_bytes = max(self._lpips_view_bytes, tensor_bytes(features))
+        if self.lpips_target_bytes + tensor_bytes(features) <= budget:
             self._lpips_targets[view] = (key, features)
         return features
+
+    @property
+    def lpips_target_bytes(self) -> int:
+        """Memory the kept LPIPS target features take."""
+        return sum(tensor_bytes(features) for _, features in self._lpips_targets.values())
 
     def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, Tensor]:
         """L1 + LPIPS against the current training image (an edit once the first sweep ran)."""
@@ -441,8 +441,8 @@ class IGS2GSModel(SplatfactoModel):
         loss_dict = {"main_loss": self.config.l1_loss_mult * torch.abs(target - prediction).mean()}
         if self.config.lpips_loss_mult > 0:
             as_batch = lambda image: image.permute(2, 0, 1)[None].clamp(0, 1)  # noqa: E731
-            target_features = self.kept_lpips_target(batch, as_batch(target))
-            lpips = self.lpips_loss(as_batch(prediction), as_batch(target), target_features)
+            target = as_batch(target)
+            lpips = self.lpips_loss(as_batch(prediction), target, self.kept_lpips_target(batch, target))
             loss_dict["lpips_loss"] = self.config.lpips_loss_mult * lpips
         if self.training:
             self.camera_optimizer.get_loss_dict(loss_dict)

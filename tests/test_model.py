@@ -160,7 +160,7 @@ def test_a_view_s_lpips_target_is_computed_once_per_image_and_kept_within_its_bu
     replaced = model.kept_lpips_target(batch(0, generation=1), target(3))  # an edit swapped in: its features now
     assert replaced is not first and len(computed) == 3
     assert all(torch.equal(a, b) for a, b in zip(replaced, features(model.lpips.network(images.device), target(3))))
-    assert model._lpips_target_bytes == 2 * view_bytes
+    assert model.lpips_target_bytes == 2 * view_bytes
     assert model.kept_lpips_target({**batch(0), "image": torch.rand(64, 64, 4)}, target(0)) is None  # alpha: per step
     assert model.kept_lpips_target({"image_idx": 0, "image": images[0]}, target(0)) is None  # no generation
     model.eval()
