@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements of the README in commands of under ten minutes each (prepare first), on one CUDA machine with igs2gs
+# The GPU measurements of the README in commands of under ten minutes each (prepare first; steps stands alone), on one CUDA machine with igs2gs
 # and its dependencies installed. Results (logs, JSON) go to $RESULTS (default: outputs/gpu_bench/results).
 #
 #   bash scripts/gpu_bench.sh prepare DATA   # random sd15 editor; in parallel: splatfacto 15k reconstruction,
@@ -15,6 +15,10 @@
 #                                            # default edit with --gsplat-checked-inverse (A/B with edit's first run)
 #   bash scripts/gpu_bench.sh batch DATA     # the editor alone at another packaged batch, TRY_BATCH (default 19: 73
 #                                            # views in four batches instead of five of 15): s/edit and peak memory
+#   bash scripts/gpu_bench.sh steps DATA     # the training step's A/B: PAIRS pairs (default 1) of 2,500-step edits
+#                                            # with the eager editor, the current step against cached_old_step's
+#                                            # (~60 s each for stone_horse on an H100); first, if the scene has no
+#                                            # reconstruction, the GPU tests beside one (RECON_STEPS=10000: 334 s)
 #
 # Work files stay in outputs/gpu_bench (keep the machine warm between the phases). BATCH, HEIGHT, WIDTH: the sweeps'
 # padded batch shape (stone_horse, 73 training views of 511x511: 15 511 511). REFERENCE_VIEWS: reference-style views
@@ -23,9 +27,9 @@
 #   source .device/env.sh > /dev/null && RESULTS=$OUT bash scripts/gpu_bench.sh prepare .device/data/stone_horse
 set -uo pipefail
 cd "$(dirname "$0")/.."
-usage="usage: gpu_bench.sh prepare|edit|extra|batch|reconstruct DATA"
+usage="usage: gpu_bench.sh prepare|edit|extra|batch|reconstruct|steps DATA"
 phase=${1:-}; data=${2:-}
-if [[ ! "$phase" =~ ^(prepare|edit|extra|batch|reconstruct)$ || ! -d "$data" ]]; then
+if [[ ! "$phase" =~ ^(prepare|edit|extra|batch|reconstruct|steps)$ || ! -d "$data" ]]; then
     echo "$usage (DATA: a nerfstudio scene folder)" >&2; exit 2
 fi
 edit_runs="cached cached_overlap off"  # edit's runs by default; EDITS picks among these and cached_old_step
@@ -52,8 +56,17 @@ for folder in [*sys.path]:
         compileall.compile_dir(folder, quiet=2, workers=0)
 PY
 
-reconstruct() {  # splatfacto 15k of the scene, its log under the scene's name
-    python3 scripts/reconstruct.py --data "$data" --output-dir "$work" --steps 15000 --device cuda > "$results/reconstruct_$scene.log" 2>&1
+reconstruct() {  # splatfacto of the scene (RECON_STEPS, default 15k), its log under the scene's name
+    python3 scripts/reconstruct.py --data "$data" --output-dir "$work" --steps "${RECON_STEPS:-15000}" --device cuda \
+        > "$results/reconstruct_$scene.log" 2>&1
+}
+
+make_editor() {  # the random-weight SD-1.5-shaped editor
+    python3 scripts/make_random_ip2p.py "$editor" --shape sd15 --fp16 > "$results/make_editor.log" 2>&1 || { cat "$results/make_editor.log"; exit 1; }
+}
+
+gpu_tests() {
+    python3 -m pytest -m gpu tests -q -p no:cacheprovider -ra > "$results/gpu_tests.log" 2>&1
 }
 
 load_dir() {  # the scene's latest reconstruction
@@ -81,9 +94,9 @@ prepare)
     # The reconstruction is the long pole (330-480 s on an H100 beside the rest): started first.
     reconstruct &
     reconstruction=$!
-    python3 -m pytest -m gpu tests -q -p no:cacheprovider > "$results/gpu_tests.log" 2>&1 &
+    gpu_tests &
     tests=$!
-    python3 scripts/make_random_ip2p.py "$editor" --shape sd15 --fp16 > "$results/make_editor.log" 2>&1 || { cat "$results/make_editor.log"; exit 1; }
+    make_editor
     python3 - "$editor" "$prompt" "${BATCH:-15}" "${HEIGHT:-511}" "${WIDTH:-511}" > "$results/packages.log" 2>&1 <<'PY'
 import sys, time
 import torch
@@ -123,5 +136,21 @@ batch)  # compiles the packages for this batch first (UNet 148-196 s on an H100)
     python3 scripts/bench_ip2p.py --model "$editor" --views $((3 * try)) --batch-sizes "$try" --reference-views 1 \
         --compile-batch "$try" --variants compiled --json "$results/ip2p_batch$try.json" > "$results/ip2p_batch$try.log" 2>&1
     echo "bench_ip2p batch $try: exit $?"; tail -n 12 "$results/ip2p_batch$try.log"
+    ;;
+steps)  # alternating, so that a drift of the machine's pace shows as a spread, not as a difference
+    if ! ls -d "$work/$scene"/splatfacto/*/nerfstudio_models > /dev/null 2>&1; then
+        reconstruct &
+        reconstruction=$!
+        gpu_tests &
+        tests=$!
+        make_editor
+        wait "$tests"; echo "gpu tests: exit $?"; tail -n 1 "$results/gpu_tests.log"
+        wait "$reconstruction"; echo "reconstruction: exit $?"
+    fi
+    [[ -d $editor ]] || make_editor
+    for pair in $(seq "${PAIRS:-1}"); do
+        bench_edit "steps_now_$pair" --compile off --steps 2500
+        bench_edit "steps_old_$pair" --compile off --steps 2500 --gsplat-checked-inverse --no-lpips-target-cache
+    done
     ;;
 esac
