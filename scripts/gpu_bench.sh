@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU measurements of the README in commands of under ten minutes each (prepare first; steps stands alone), on one CUDA machine with igs2gs
-# and its dependencies installed. Results (logs, JSON) go to $RESULTS (default: outputs/gpu_bench/results).
+# The GPU measurements of the README in commands of under ten minutes each (prepare first; steps stands alone), on one
+# CUDA machine with igs2gs and its dependencies installed.
+# Results (logs, JSON) go to $RESULTS (default: outputs/gpu_bench/results).
 #
 #   bash scripts/gpu_bench.sh prepare DATA   # random sd15 editor; in parallel: splatfacto 15k reconstruction,
 #                                            # the GPU tests, the editor's packages for the sweeps' batch shape
