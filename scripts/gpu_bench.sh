@@ -28,12 +28,14 @@
 #   source .device/env.sh > /dev/null && RESULTS=$OUT bash scripts/gpu_bench.sh prepare .device/data/stone_horse
 set -uo pipefail
 cd "$(dirname "$0")/.."
-usage="usage: gpu_bench.sh prepare|edit|extra|batch|reconstruct|steps DATA"
+phases="prepare|edit|extra|batch|reconstruct|steps"
+usage="usage: gpu_bench.sh $phases DATA"
 phase=${1:-}; data=${2:-}
-if [[ ! "$phase" =~ ^(prepare|edit|extra|batch|reconstruct|steps)$ || ! -d "$data" ]]; then
+if [[ ! "$phase" =~ ^($phases)$ || ! -d "$data" ]]; then
     echo "$usage (DATA: a nerfstudio scene folder)" >&2; exit 2
 fi
 edit_runs="cached cached_overlap off"  # edit's runs by default; EDITS picks among these and cached_old_step
+old_step="--gsplat-checked-inverse --no-lpips-target-cache"  # the training step before 2026-12-07's second session
 for run in ${EDITS:-}; do
     [[ " $edit_runs cached_old_step " == *" $run "* ]] || { echo "$usage (EDITS: some of $edit_runs cached_old_step, not $run)" >&2; exit 2; }
 done
@@ -66,8 +68,16 @@ make_editor() {  # the random-weight SD-1.5-shaped editor
     python3 scripts/make_random_ip2p.py "$editor" --shape sd15 --fp16 > "$results/make_editor.log" 2>&1 || { cat "$results/make_editor.log"; exit 1; }
 }
 
-gpu_tests() {
-    python3 -m pytest -m gpu tests -q -p no:cacheprovider -ra > "$results/gpu_tests.log" 2>&1
+start_reconstruction_and_tests() {  # in the background: the reconstruction is the long pole (330-480 s at 15k)
+    reconstruct &
+    reconstruction=$!
+    python3 -m pytest -m gpu tests -q -p no:cacheprovider -ra > "$results/gpu_tests.log" 2>&1 &
+    tests=$!
+}
+
+wait_reconstruction_and_tests() {
+    wait "$tests"; echo "gpu tests: exit $?"; tail -n 3 "$results/gpu_tests.log"
+    wait "$reconstruction"; echo "reconstruction: exit $?"; tail -n 2 "$results/reconstruct_$scene.log"
 }
 
 load_dir() {  # the scene's latest reconstruction
@@ -92,11 +102,7 @@ PY
 
 case "$phase" in
 prepare)
-    # The reconstruction is the long pole (330-480 s on an H100 beside the rest): started first.
-    reconstruct &
-    reconstruction=$!
-    gpu_tests &
-    tests=$!
+    start_reconstruction_and_tests
     make_editor
     python3 - "$editor" "$prompt" "${BATCH:-15}" "${HEIGHT:-511}" "${WIDTH:-511}" > "$results/packages.log" 2>&1 <<'PY'
 import sys, time
@@ -109,8 +115,7 @@ editor.prepare_compiled(batch, height, width, prompt)
 print(f"packages for batch {batch} {width}x{height}: {sorted(editor._packages)} in {time.perf_counter() - started:.1f} s")
 PY
     echo "packages: exit $?"; tail -n 2 "$results/packages.log"
-    wait "$tests"; echo "gpu tests: exit $?"; tail -n 3 "$results/gpu_tests.log"
-    wait "$reconstruction"; echo "reconstruction: exit $?"; tail -n 2 "$results/reconstruct_$scene.log"
+    wait_reconstruction_and_tests
     ;;
 edit)
     for run in ${EDITS:-$edit_runs}; do
@@ -118,7 +123,7 @@ edit)
         cached) bench_edit cached --compile cached --reference-views "${REFERENCE_VIEWS:-2}" ;;
         cached_overlap) bench_edit cached_overlap --compile cached --overlap ;;
         off) bench_edit off --compile off ;;
-        cached_old_step) bench_edit cached_old_step --compile cached --gsplat-checked-inverse --no-lpips-target-cache ;;
+        cached_old_step) bench_edit cached_old_step --compile cached $old_step ;;
         esac
     done
     ;;
@@ -139,19 +144,13 @@ batch)  # compiles the packages for this batch first (UNet 148-196 s on an H100)
     echo "bench_ip2p batch $try: exit $?"; tail -n 12 "$results/ip2p_batch$try.log"
     ;;
 steps)  # alternating, so that a drift of the machine's pace shows as a spread, not as a difference
-    if ! ls -d "$work/$scene"/splatfacto/*/nerfstudio_models > /dev/null 2>&1; then
-        reconstruct &
-        reconstruction=$!
-        gpu_tests &
-        tests=$!
-        make_editor
-        wait "$tests"; echo "gpu tests: exit $?"; tail -n 1 "$results/gpu_tests.log"
-        wait "$reconstruction"; echo "reconstruction: exit $?"
-    fi
+    reconstructed=$(load_dir 2> /dev/null)
+    [[ -n $reconstructed ]] || start_reconstruction_and_tests
     [[ -d $editor ]] || make_editor
+    [[ -n $reconstructed ]] || wait_reconstruction_and_tests
     for pair in $(seq "${PAIRS:-1}"); do
         bench_edit "steps_now_$pair" --compile off --steps 2500
-        bench_edit "steps_old_$pair" --compile off --steps 2500 --gsplat-checked-inverse --no-lpips-target-cache
+        bench_edit "steps_old_$pair" --compile off --steps 2500 $old_step
     done
     ;;
 esac
