@@ -1,5 +1,5 @@
 """The benchmarks' CPU-checkable parts: bench_edit.py's step-time breakdown (pure arithmetic, checked on made-up
-clocks), garbage-collection clock and step profiler, and bench_ip2p.py's argument checks."""
+clocks), garbage-collection clock and step profiler, and bench_ip2p.py's argument checks and steady sweep."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from bench_edit import GcClock, PythonStepProfiler, StepProfiler, WarmUpClock, step_time_profile
+from bench_ip2p import steady_sweep
 
 
 def test_step_time_profile_leaves_out_sweep_steps_and_names_the_slow_ones():
@@ -39,6 +40,19 @@ def test_bench_ip2p_refuses_a_run_without_reference_views_before_anything_loads(
     result = subprocess.run([sys.executable, str(script), "--reference-views", "0"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert "--reference-views must be at least 1" in result.stderr
+
+
+def test_bench_ip2p_times_a_sweep_with_every_views_conditioning_already_encoded(tiny_ip2p_dir):
+    """The timed sweep is a steady one, as igs2gs's after its warm-up: its editor encodes no photo (an untimed first
+    sweep over all views did, once each), so the row's seconds hold no conditioning encodes."""
+    from igs2gs.ip2p import InstructPix2Pix
+
+    editor = InstructPix2Pix.from_pretrained(str(tiny_ip2p_dir), device="cpu")
+    renders, originals = torch.rand(2, 5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    sweep = steady_sweep(editor, renders, originals, steps=2, batch=2)
+    assert sweep["encoded_while_timed"] == 0
+    assert editor.condition_encodings == 5
+    assert sweep["seconds"] > 0
 
 
 def test_gpu_bench_refuses_an_unknown_phase_or_run_or_a_missing_scene_before_doing_anything(tmp_path):
