@@ -117,7 +117,10 @@ def package_key(call: PackagePart, inputs: Tuple[Tensor, ...]) -> str:
 
 
 class Packaged:
-    """Runs a package for inputs of the shape it was compiled for, and the eager part for any other.
+    """Runs a package for inputs of the shape it was compiled for, and the eager part for any other - but a
+    one-input part (the VAE's halves) given more than half of its batch runs packaged, padded with copies of its
+    last row: a sweep's batch of 15 reaches the VAE in chunks of 4, 4, 4 and 3, and 4 rows packaged cost less than
+    3 eager (on an H100 decoding 4 took 38 ms packaged against 67 ms eager). Rows are independent in the VAE.
 
     A package call holds Python's GIL while it launches its kernels, and a launch blocks while the GPU's queue is
     full. torch's runner in its default mode waited for its previous call to finish on the GPU (one model instance,
@@ -131,6 +134,10 @@ class Packaged:
         self._previous = torch.cuda.Event() if device.type == "cuda" else None  # recorded after each call
 
     def __call__(self, *inputs: Tensor) -> Tensor:
+        rows, batch = inputs[0].shape[0], self.shape[0]
+        if len(inputs) == 1 and inputs[0].shape[1:] == self.shape[1:] and batch / 2 < rows < batch:
+            padded = torch.cat([inputs[0], inputs[0][-1:].expand(batch - rows, *self.shape[1:])])
+            return self(padded)[:rows]
         if inputs[0].shape != self.shape:
             return self.call(*inputs)
         if self._previous is not None:

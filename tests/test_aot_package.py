@@ -166,6 +166,30 @@ def test_a_damaged_package_is_compiled_again(compiled, part_inputs, tmp_path, mo
     assert compiled_paths == [damaged] and loaded is not None
 
 
+def test_a_package_runs_a_one_input_batch_of_more_than_half_its_rows_padded_and_a_smaller_or_other_one_eagerly():
+    """The VAE's last chunk of a sweep's batch (3 of 15 after 4, 4, 4) runs packaged with one row of padding: its
+    rows come back in order, the padding dropped; 2 of 4 rows, other shapes and several inputs run the eager part."""
+    packaged_rows, eager_rows = [], []
+
+    def runner(images):
+        packaged_rows.append(images.shape[0])
+        return images * 2
+
+    def eager_part(*inputs):
+        eager_rows.append(inputs[0].shape[0])
+        return inputs[0] * 2
+
+    part = Packaged(eager_part, runner, torch.Size([4, 3, 8, 8]), {}, torch.device("cpu"))
+    three = torch.rand(3, 3, 8, 8)
+    assert torch.equal(part(three), three * 2)
+    assert torch.equal(part(torch.ones(4, 3, 8, 8)), torch.full((4, 3, 8, 8), 2.0))
+    assert packaged_rows == [4, 4] and eager_rows == []
+    part(torch.rand(2, 3, 8, 8))
+    part(torch.rand(3, 3, 8, 9))
+    part(three, three)
+    assert packaged_rows == [4, 4] and eager_rows == [2, 3, 3]
+
+
 def test_without_a_compiler_the_editor_edits_eagerly_and_unpadded(tiny_ip2p_dir, eager, tmp_path, monkeypatch):
     def no_compiler(exported, package_path, inductor_configs):
         Path(package_path).write_bytes(b"half a package")
