@@ -1,9 +1,10 @@
 """The benchmarks' CPU-checkable parts: bench_edit.py's step-time breakdown (pure arithmetic, checked on made-up
-clocks), garbage-collection clock and step profiler, and bench_ip2p.py's argument checks and steady sweep."""
+clocks), garbage-collection clock and step profiler, and bench_ip2p.py's argument checks and steady sweep, bench_editor_load.py on the CPU."""
 
 from __future__ import annotations
 
 import gc
+import json
 import subprocess
 import sys
 import time
@@ -53,6 +54,21 @@ def test_bench_ip2p_times_a_sweep_with_every_views_conditioning_already_encoded(
     assert sweep["encoded_while_timed"] == 0
     assert editor.condition_encodings == 5
     assert sweep["seconds"] > 0
+
+
+def test_bench_editor_load_times_each_part_of_loading_the_editor(tiny_ip2p_dir, tmp_path):
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_editor_load.py"
+    output = tmp_path / "load.json"
+    result = subprocess.run(
+        [sys.executable, str(script), str(tiny_ip2p_dir), "--device", "cpu", "--json", str(output)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    seconds = json.loads(output.read_text())["seconds"]
+    assert list(seconds) == [
+        "import torch", "import diffusers, transformers", "first pipeline load (its class imported)",
+        "unet to cpu", "vae to cpu", "text_encoder to cpu", "second from_pretrained",
+    ]
+    assert all(value > 0 for value in seconds.values())
 
 
 def test_gpu_bench_refuses_an_unknown_phase_or_run_or_a_missing_scene_before_doing_anything(tmp_path):

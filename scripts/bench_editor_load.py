@@ -1,0 +1,66 @@
+"""Where the seconds of loading the IP2P editor go, in a fresh process: the imports, CUDA's start, the pipeline's
+first load, its weights' copy to the device, the first cuDNN/cuBLAS/SDPA calls, and a second load once all that is
+paid. On an H100 host (2026-12-07) the first load took 6.9 s against 0.44 s for the second: Python importing
+diffusers' pipeline and what transformers pulls in (see ``python -X importtime``), not GPU work.
+
+    python scripts/bench_editor_load.py MODEL [--device cuda] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Callable, Dict
+
+STARTED = time.perf_counter()
+import torch  # noqa: E402  (timed)
+
+TORCH_IMPORT_S = time.perf_counter() - STARTED
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="IP2P folder or hub id (e.g. a make_random_ip2p.py --shape sd15 folder)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    figures: Dict[str, float] = {"import torch": TORCH_IMPORT_S}
+    is_cuda = device.type == "cuda"
+
+    def timed(name: str, work: Callable[[], object]) -> object:
+        started = time.perf_counter()
+        result = work()
+        if is_cuda:
+            torch.cuda.synchronize(device)
+        figures[name] = time.perf_counter() - started
+        print(f"{name}: {figures[name]:.3f} s", flush=True)
+        return result
+
+    timed("import diffusers, transformers", lambda: (__import__("diffusers"), __import__("transformers")))
+    if is_cuda:
+        timed("CUDA start and context", lambda: torch.zeros(1, device=device))
+    from igs2gs.ip2p import InstructPix2Pix, _load_pipeline
+
+    dtype = torch.float16 if is_cuda else torch.float32
+    pipe = timed("first pipeline load (its class imported)", lambda: _load_pipeline(args.model, dtype))
+    for name in ("unet", "vae", "text_encoder"):
+        timed(f"{name} to {device.type}", lambda: getattr(pipe, name).to(device))
+    del pipe
+    if is_cuda:
+        x = torch.randn(4, 320, 64, 64, device=device, dtype=dtype)
+        weight = torch.randn(320, 320, 3, 3, device=device, dtype=dtype)
+        timed("first convolution (cuDNN)", lambda: torch.nn.functional.conv2d(x, weight, padding=1))
+        a = torch.randn(4096, 320, device=device, dtype=dtype)
+        timed("first matmul (cuBLAS)", lambda: a @ a.T)
+        q = torch.randn(4, 8, 4096, 40, device=device, dtype=dtype)
+        timed("first attention (SDPA)", lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q))
+    timed("second from_pretrained", lambda: InstructPix2Pix.from_pretrained(args.model, device=device, dtype=dtype))
+    if args.json:
+        args.json.write_text(json.dumps({"device": str(device), "seconds": figures}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
