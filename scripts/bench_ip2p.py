@@ -78,8 +78,8 @@ def timed_edits(editor: InstructPix2Pix, renders: torch.Tensor, originals: torch
 def steady_sweep(editor: InstructPix2Pix, renders: torch.Tensor, originals: torch.Tensor, steps: int, batch: int) -> Dict[str, float]:
     """Seconds per edit of a sweep after the first: one untimed sweep over all views first (in igs2gs the editor's
     warm-up beside set-up encodes every photo's conditioning before the first sweep, and the photos never change),
-    then the timed one, which must encode no conditioning (``encoded_while_timed``, 0). ``peak_reset`` marks the
-    start of the timed sweep for ``torch.cuda.max_memory_allocated``."""
+    then the timed one, which must encode no conditioning (``encoded_while_timed``, 0). On CUDA the peak-memory
+    counter restarts with the timed sweep."""
     timed_edits(editor, renders, originals, steps, batch)
     encoded = editor.condition_encodings
     if renders.is_cuda:
