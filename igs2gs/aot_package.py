@@ -116,6 +116,11 @@ def package_key(call: PackagePart, inputs: Tuple[Tensor, ...]) -> str:
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
+def padded_rows(rows: Tensor, count: int) -> Tensor:
+    """``rows`` with its last row repeated ``count`` more times (a batch padded to a package's or editor's size)."""
+    return torch.cat([rows, rows[-1:].expand(count, *rows.shape[1:])]) if count else rows
+
+
 class Packaged:
     """Runs a package for inputs of the shape it was compiled for, and the eager part for any other - but a
     one-input part (the VAE's halves) given more than half of its batch runs packaged, padded with copies of its
@@ -137,8 +142,7 @@ class Packaged:
     def __call__(self, *inputs: Tensor) -> Tensor:
         rows, batch = inputs[0].shape[0], self.shape[0]
         if len(inputs) == 1 and inputs[0].shape[1:] == self.shape[1:] and batch / 2 < rows < batch:
-            padded = torch.cat([inputs[0], inputs[0][-1:].expand(batch - rows, *self.shape[1:])])
-            return self(padded)[:rows]
+            return self(padded_rows(inputs[0], batch - rows))[:rows]
         if inputs[0].shape != self.shape:
             return self.call(*inputs)
         if self._previous is not None:

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from igs2gs.aot_package import padded_rows
+
 if TYPE_CHECKING:
     from diffusers import StableDiffusionInstructPix2PixPipeline
 
@@ -151,11 +153,6 @@ def _content_key(image: Tensor) -> str:
     """Fingerprint of an image's pixels, for callers that give no keys for the condition cache."""
     quantized = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
     return hashlib.sha1(quantized.tobytes() + str(quantized.shape).encode()).hexdigest()
-
-
-def _padded(rows: Tensor, count: int) -> Tensor:
-    """``rows`` with its last row repeated ``count`` more times."""
-    return torch.cat([rows, rows[-1:].expand(count, *rows.shape[1:])]) if count else rows
 
 
 def _branch_text(embeddings: Tensor, count: int) -> Tensor:
@@ -475,11 +472,11 @@ class InstructPix2Pix:
             pad = max(0, (self.fixed_batch or 0) - rows)
             try:
                 edited = self._edit_batch(
-                    renders=_padded(renders[part], pad),
-                    condition=_padded(condition[part], pad),
+                    renders=padded_rows(renders[part], pad),
+                    condition=padded_rows(condition[part], pad),
                     starts=starts[part] + starts[part][-1:] * pad,
-                    vae_noise=_padded(vae_noise[part], pad),
-                    noise=_padded(noise[part], pad),
+                    vae_noise=padded_rows(vae_noise[part], pad),
+                    noise=padded_rows(noise[part], pad),
                     **shared,
                 )
                 outputs.append(edited[:rows])
