@@ -41,48 +41,6 @@ GeneratorArg = Optional[Union[torch.Generator, Sequence[torch.Generator]]]
 _autotune_lock = threading.Lock()
 _autotune_holders = 0
 _autotune_saved = False
-_library_import: Optional[threading.Thread] = None
-_library_import_lock = threading.Lock()
-
-
-def _import_pipeline_class() -> None:
-    from diffusers import StableDiffusionInstructPix2PixPipeline  # noqa: F401
-
-
-def import_libraries_in_background() -> None:
-    """Start importing diffusers' InstructPix2Pix pipeline in a thread (once per process).
-
-    That import (diffusers, and the transformers and scipy modules it pulls in) takes 7-10 s of an edit's set-up on
-    the H100 hosts; in a thread it overlaps the parts of set-up that release the GIL (reading the checkpoint and the
-    photos, copies to the GPU). The editor's load joins it first: two threads resolving names in diffusers' lazy
-    module at once fail with an ImportError. A failed import here is left for that load to raise, where it says why.
-    """
-    global _library_import
-    with _library_import_lock:
-        if _library_import is None:
-            _library_import = threading.Thread(target=_swallow(_import_pipeline_class), name="igs2gs-import", daemon=True)
-            _library_import.start()
-
-
-def _swallow(function: Callable[[], None]) -> Callable[[], None]:
-    def run() -> None:
-        try:
-            function()
-        except Exception:  # noqa: BLE001 - the load imports again in its own thread and reports the error
-            pass
-
-    return run
-
-
-def _join_library_import() -> float:
-    """Wait for ``import_libraries_in_background``'s thread, if one was started; returns the seconds waited."""
-    with _library_import_lock:
-        thread = _library_import
-    if thread is None or not thread.is_alive():
-        return 0.0
-    started = time.perf_counter()
-    thread.join()
-    return time.perf_counter() - started
 
 
 @contextlib.contextmanager
@@ -125,11 +83,6 @@ def _is_out_of_memory(error: BaseException) -> bool:
 
 def _load_pipeline(model: str, dtype: torch.dtype) -> "StableDiffusionInstructPix2PixPipeline":
     """Load from a local directory, else the Hugging Face cache, else the hub; fail with a usable message."""
-    waited = _join_library_import()
-    if waited > 0.05:
-        from nerfstudio.utils.rich_utils import CONSOLE
-
-        CONSOLE.log(f"Waited {waited:.1f} s for diffusers' import, started beside set-up")
     from diffusers import StableDiffusionInstructPix2PixPipeline
     from diffusers.pipelines import pipeline_utils
 

@@ -271,8 +271,6 @@ class IGS2GSTrainerConfig(TrainerConfig):
     """Start the learning-rate schedules afresh at the loaded step (a finished splatfacto run has decayed the position LR to its floor, which would freeze the geometry)."""
     fused_adam: bool = True
     """Step the splats' Adam optimizers with torch's fused kernel on CUDA (one kernel per attribute instead of about a dozen; the same update). A run resumed from a fused checkpoint stays fused."""
-    background_import: bool = True
-    """Import diffusers' InstructPix2Pix pipeline in a thread while the checkpoint and the photos are read (the import takes 7-10 s of set-up on the H100 hosts); the editor's load waits for it."""
 
 
 class IGS2GSTrainer(Trainer):
@@ -289,10 +287,6 @@ class IGS2GSTrainer(Trainer):
         check_prompt(pipeline.model.prompt or pipeline.prompt)
         check_edit_settings(pipeline, str(self.device))
         self.checkpoint_path = find_checkpoint(self.config.load_dir, self.config.load_step, self.config.load_checkpoint)
-        if pipeline.editor == "ip2p" and test_mode == "val" and self.config.background_import:
-            from igs2gs.ip2p import import_libraries_in_background
-
-            import_libraries_in_background()  # beside reading the checkpoint and the photos; the editor's load joins it
         self.loaded_state: Optional[Dict[str, Any]] = load_checkpoint_state(self.checkpoint_path)
         check_same_scene(self.checkpoint_path, self._train_dataparser_outputs(), pipeline.datamanager)
         changes = adopt_scene_settings(pipeline.model, self.checkpoint_path, self.loaded_state)

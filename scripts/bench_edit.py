@@ -331,10 +331,6 @@ def main() -> None:
     parser.add_argument("--gsplat-checked-inverse", action="store_true", help="--pipeline.model.gsplat-unchecked-inverse False: gsplat's camera-centre inverse with its error check (one host wait more per step)")
     parser.add_argument("--no-warm-up", action="store_true", help="no editor warm-up beside set-up (the first sweep pays it)")
     parser.add_argument("--setup-only", action="store_true", help="stop after set-up: JSON setup_s (and setup_profile) only")
-    parser.add_argument(
-        "--no-background-import", action="store_true",
-        help="import diffusers' pipeline when the editor loads, not in a thread beside set-up (the trainer's background_import off)",
-    )
     parser.add_argument("--profile-steps", type=int, default=0, help="profile this many training steps with cProfile, then as many with torch.profiler (0: none)")
     parser.add_argument(
         "--profile-from", type=int,
@@ -373,7 +369,6 @@ def main() -> None:
         ),
         prompt=args.prompt, gs_steps=args.gs_steps, ip2p_model=args.ip2p_model, ip2p_compile=COMPILE_MODES[args.compile],
         overlap_edits=args.overlap, ip2p_devices=args.ip2p_devices,
-        trainer=dict(background_import=not args.no_background_import),
     )
     timed_editor = trainer.pipeline.editor
     if args.train_on == "oracle":
@@ -385,7 +380,7 @@ def main() -> None:
     setup_s = time.perf_counter() - started
     setup_profile = None if setup_profiler is None else {"per": "run", **python_profile_figures(setup_profiler, 1, rows=40)}
     if args.setup_only:
-        figures = {"device": torch.cuda.get_device_name(0), "setup_s": setup_s, "background_import": not args.no_background_import}
+        figures = {"device": torch.cuda.get_device_name(0), "setup_s": setup_s}
         if setup_profile is not None:
             figures["setup_profile"] = setup_profile
         print(json.dumps(figures, indent=2))
@@ -443,7 +438,6 @@ def main() -> None:
         "gaussians_at_load": gaussians_at_load,
         "gaussians_at_end": trainer.pipeline.model.num_points,
         "setup_s": setup_s,
-        "background_import": not args.no_background_import,
         "sweeps": sweeps,
         "sweep_s": sweep_s,
         "ip2p_s_per_edit": sum(s["edit_s"] for s in sweeps) / max(1.0, sum(s["views"] for s in sweeps)),

@@ -20,8 +20,6 @@
 #                                            # with the eager editor, the current step against cached_old_step's
 #                                            # (~60 s each for stone_horse on an H100); first, if the scene has no
 #                                            # reconstruction, the GPU tests beside one (RECON_STEPS=10000: 334 s)
-#   bash scripts/gpu_bench.sh setup DATA     # an edit's set-up alone, PAIRS pairs (default 2) alternating: diffusers
-#                                            # imported in a thread beside set-up (the default) and by the editor's load
 #
 # Work files stay in outputs/gpu_bench (keep the machine warm between the phases). BATCH, HEIGHT, WIDTH: the sweeps'
 # padded batch shape (stone_horse, 73 training views of 511x511: 15 511 511). REFERENCE_VIEWS: reference-style views
@@ -30,7 +28,7 @@
 #   source .device/env.sh > /dev/null && RESULTS=$OUT bash scripts/gpu_bench.sh prepare .device/data/stone_horse
 set -uo pipefail
 cd "$(dirname "$0")/.."
-phases="prepare|edit|extra|batch|reconstruct|steps|setup"
+phases="prepare|edit|extra|batch|reconstruct|steps"
 usage="usage: gpu_bench.sh $phases DATA"
 phase=${1:-}; data=${2:-}
 if [[ ! "$phase" =~ ^($phases)$ || ! -d "$data" ]]; then
@@ -126,18 +124,7 @@ edit)
         cached_overlap) bench_edit cached_overlap --compile cached --overlap ;;
         off) bench_edit off --compile off ;;
         cached_old_step) bench_edit cached_old_step --compile cached $old_step ;;
-        setup)  # alternating, as steps
-    for pair in $(seq "${PAIRS:-2}"); do
-        for mode in background inline; do
-            name=setup_${scene}_${mode}_$pair
-            python3 scripts/bench_edit.py --data "$data" --load-dir "$(load_dir)" --ip2p-model "$editor" --vis viewer \
-                --output-dir "$work/edits" --compile cached --setup-only $([[ $mode == inline ]] && echo --no-background-import) \
-                --json "$results/$name.json" > "$results/$name.log" 2>&1
-            echo "set-up ($mode, pair $pair): exit $? $(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["setup_s"])' "$results/$name.json" 2>&1)"
-        done
-    done
-    ;;
-esac
+        esac
     done
     ;;
 reconstruct)
@@ -164,17 +151,6 @@ steps)  # alternating, so that a drift of the machine's pace shows as a spread, 
     for pair in $(seq "${PAIRS:-1}"); do
         bench_edit "steps_now_$pair" --compile off --steps 2500
         bench_edit "steps_old_$pair" --compile off --steps 2500 $old_step
-    done
-    ;;
-setup)  # alternating, as steps
-    for pair in $(seq "${PAIRS:-2}"); do
-        for mode in background inline; do
-            name=setup_${scene}_${mode}_$pair
-            python3 scripts/bench_edit.py --data "$data" --load-dir "$(load_dir)" --ip2p-model "$editor" --vis viewer \
-                --output-dir "$work/edits" --compile cached --setup-only $([[ $mode == inline ]] && echo --no-background-import) \
-                --json "$results/$name.json" > "$results/$name.log" 2>&1
-            echo "set-up ($mode, pair $pair): exit $? $(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["setup_s"])' "$results/$name.json" 2>&1)"
-        done
     done
     ;;
 esac

@@ -77,7 +77,7 @@ def test_gpu_bench_refuses_an_unknown_phase_or_run_or_a_missing_scene_before_doi
     for args, edits in ((["measure", str(tmp_path)], ""), (["prepare", str(tmp_path / "no scene")], ""), ([], ""), (["edit", str(tmp_path)], "cached eager")):
         environment = {"PATH": "/usr/bin:/bin", "RESULTS": str(tmp_path / "r"), "EDITS": edits}
         result = subprocess.run(["bash", str(script), *args], capture_output=True, text=True, timeout=60, env=environment)
-        assert result.returncode == 2 and "usage: gpu_bench.sh prepare|edit|extra|batch|reconstruct|steps|setup DATA" in result.stderr, args
+        assert result.returncode == 2 and "usage: gpu_bench.sh prepare|edit|extra|batch|reconstruct|steps DATA" in result.stderr, args
     assert "not eager" in result.stderr
     assert not (tmp_path / "r").exists()
 

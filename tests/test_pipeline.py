@@ -296,39 +296,6 @@ def test_set_up_does_not_wait_for_the_first_checkpoint_and_no_edit_is_stored_bef
     assert checkpoint.exists() and len(store.load_edits()) == TRAIN_VIEWS and store.load_state().sweeps_completed == 1
 
 
-@pytest.mark.parametrize("background", [True, False])
-def test_diffusers_is_imported_beside_set_up_and_the_editor_load_waits_for_it(
-    scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path, monkeypatch, background
-):
-    """The editor's libraries (7-10 s of set-up on the H100 hosts) are imported in a thread started before the
-    checkpoint is read; the editor's load waits for that thread (two threads in diffusers' lazy module at once fail).
-    ``background_import`` off: no such thread, the load imports them itself."""
-    import time
-
-    from igs2gs import ip2p, trainer as trainer_module
-
-    events = []
-
-    def slow_import():
-        events.append("import started")
-        time.sleep(0.5)  # longer than reading this scene's checkpoint
-        events.append("import done")
-
-    load_state, join = trainer_module.load_checkpoint_state, ip2p._join_library_import
-    monkeypatch.setattr(ip2p, "_library_import", None)  # this process may have started one already
-    monkeypatch.setattr(ip2p, "_import_pipeline_class", slow_import)
-    monkeypatch.setattr(trainer_module, "load_checkpoint_state", lambda path: events.append("checkpoint read") or load_state(path))
-    monkeypatch.setattr(ip2p, "_join_library_import", lambda: [join(), events.append("editor loads")][0])  # its first step
-    make_trainer(
-        scene_dir, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, f"import-{background}",
-        trainer={"background_import": background},
-    )
-    if background:
-        assert events == ["import started", "checkpoint read", "import done", "editor loads"]
-    else:
-        assert events == ["checkpoint read", "editor loads"] and ip2p._library_import is None
-
-
 def test_a_failed_edit_write_stops_training_at_a_later_step(scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path, monkeypatch):
     """Edits are written in the background; a write that fails (full disk) must not go unnoticed."""
     trainer = make_trainer(scene_dir, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, "disk-full")
