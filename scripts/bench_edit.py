@@ -119,18 +119,19 @@ class GcClock:
 
 class WarmUpClock:
     """When each editors' warm-up (``WarmUp``) made while installed began and ended (perf_counter): whether its thread
-    still ran when training began. With packages, the time before the first step was 1.47-1.58 s against
+    still ran when training began; and what its time went to (``WarmUp.parts``). With packages, the time before the first step was 1.47-1.58 s against
     0.26-0.39 s eager (H100, 2026-12-07); a guess to check: a package's first call holds the GIL while its
     kernels load, stalling the viewer's scene set-up beside it."""
 
     def __init__(self) -> None:
         self.spans: List[Tuple[float, float]] = []
+        self.parts: List[Dict[str, float]] = []  # per warm-up: what it did -> seconds (``WarmUp.parts``)
 
     def __enter__(self) -> "WarmUpClock":
         from igs2gs.edit_workers import WarmUp
 
         self._run = run = WarmUp._run
-        spans = self.spans
+        spans, parts = self.spans, self.parts
 
         def stamped(warm_up: WarmUp, *args: object) -> None:
             started = time.perf_counter()
@@ -138,6 +139,7 @@ class WarmUpClock:
                 run(warm_up, *args)
             finally:
                 spans.append((started, time.perf_counter()))
+                parts.append(dict(warm_up.parts))
 
         WarmUp._run = stamped  # type: ignore[method-assign] - the thread's target, bound when a WarmUp is made
         return self
@@ -468,6 +470,7 @@ def main() -> None:
         "garbage_collection": gc_clock.figures(),  # during training, sweeps included
         "editor_warm_up_from_setup_start_s": {  # did the warm-up thread still run when training began?
             "spans": [[begun - started, ended - started] for begun, ended in warm_up_clock.spans],
+            "parts_s": warm_up_clock.parts,
             "training_began": train_started - started,
         },
     }

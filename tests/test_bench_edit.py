@@ -103,16 +103,24 @@ def test_warm_up_clock_stamps_the_editor_warm_ups_started_while_installed_and_on
 
         def warm_up(self, batch, height, width, prompt):
             time.sleep(0.05)
+            return 0.05
 
+        def encode_conditions(self, originals, views):
+            time.sleep(0.02)
+
+    photos = lambda device: [([0, 1], torch.zeros(2, 3, 8, 8))]  # noqa: E731
     original = WarmUp._run
     before = time.perf_counter()
     with WarmUpClock() as clock:
-        WarmUp([SlowEditor()], [(1, 8, 8)], "a prompt").wait()
+        WarmUp([SlowEditor()], [(1, 8, 8)], "a prompt", conditions=photos).wait()
     WarmUp([SlowEditor()], [(1, 8, 8)], "a prompt").wait()  # after: not stamped
     assert WarmUp._run is original
-    assert len(clock.spans) == 1
+    assert len(clock.spans) == 1 and len(clock.parts) == 1
     started, ended = clock.spans[0]
-    assert before <= started and ended - started >= 0.05
+    assert before <= started and ended - started >= 0.07
+    (parts,) = clock.parts
+    assert list(parts) == ["cpu batch 1 8x8", "cpu conditioning of 2 photos"]
+    assert parts["cpu batch 1 8x8"] == 0.05 and parts["cpu conditioning of 2 photos"] >= 0.02
 
 
 def test_step_time_profile_leaves_out_profiled_steps():

@@ -191,6 +191,8 @@ def test_warm_up_edits_each_shape_on_each_editor_in_a_background_thread_and_keep
     warming.wait()
     assert calls == [(0, 3, 32, 48, PROMPT, False), (0, 2, 32, 48, PROMPT, False), (1, 3, 32, 48, PROMPT, False)]
     assert warming.error is not None and "OutOfMemoryError" in warming.error  # kept for the log, not raised
+    assert warming.parts == [("cpu batch 3 48x32", 0.0), ("cpu batch 2 48x32", 0.0)]  # what it did before the failure
+    assert warming.describe() == "cpu batch 3 48x32 0.0 s, cpu batch 2 48x32 0.0 s"
 
 
 def test_only_cuda_editors_with_room_for_the_warm_up_beside_the_scene_warm_up(replicas, monkeypatch):
