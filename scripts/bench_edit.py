@@ -119,9 +119,10 @@ class GcClock:
 
 class WarmUpClock:
     """When each editors' warm-up (``WarmUp``) made while installed began and ended (perf_counter): whether its thread
-    still ran when training began; and what its time went to (``WarmUp.parts``). With packages, the time before the first step was 1.47-1.58 s against
-    0.26-0.39 s eager (H100, 2026-12-07); a guess to check: a package's first call holds the GIL while its
-    kernels load, stalling the viewer's scene set-up beside it."""
+    still ran when training began; and what its time went to (``WarmUp.parts``). With packages, the time before the
+    first step was 1.47-1.58 s against 0.26-0.39 s eager (H100, 2026-12-07), and 6.5 s for stone_horse in the fifth
+    session, whose warm-up took 7.5 s; a guess to check: a package's first call holds the GIL while its kernels load,
+    stalling the viewer's scene set-up beside it."""
 
     def __init__(self) -> None:
         self.spans: List[Tuple[float, float]] = []
