@@ -27,6 +27,8 @@
 # call). On this project's lent GPU machine (the device tool; the machine goes back 30 s
 # after a call, so send the next call at once):
 #   source .device/env.sh > /dev/null && RESULTS=$OUT bash scripts/gpu_bench.sh prepare .device/data/stone_horse
+# A scene's default edit in one call (a machine taken back between calls loses the reconstruction and the packages):
+#   GPU_TESTS=0 bash scripts/gpu_bench.sh prepare D && EDITS=cached bash scripts/gpu_bench.sh edit D  # stone_horse: 525 s
 set -uo pipefail
 cd "$(dirname "$0")/.."
 phases="prepare|edit|extra|batch|reconstruct|steps"
