@@ -233,11 +233,10 @@ class IGS2GSPipeline(VanillaPipeline):
             return 0.0
         with self._viewer_unlocked():
             waited = warm_up.wait()
-        shapes = ", ".join(f"{batch} {width}x{height}" for batch, height, width in warm_up.shapes)
         if warm_up.error is not None:
             CONSOLE.log(f"[yellow]igs2gs: warming InstructPix2Pix up failed ({warm_up.error}); the first sweep pays its set-up")
         else:
-            CONSOLE.log(f"Warmed InstructPix2Pix up for batches of {shapes} views and encoded the photos' conditioning in {warm_up.seconds:.1f} s beside set-up ({warm_up.describe()})")
+            CONSOLE.log(f"Warmed InstructPix2Pix up beside set-up in {warm_up.seconds:.1f} s: {warm_up.describe()}")
         return waited
 
     def _view_sizes(self) -> List[Tuple[int, int]]:
