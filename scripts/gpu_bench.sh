@@ -9,7 +9,8 @@
 #                                            # projection), the same with --pipeline.overlap-edits, and eager
 #                                            # (EDITS: which of cached, cached_overlap, off, cached_old_step - the
 #                                            # training step before 2026-12-07's second session: gsplat's checked
-#                                            # inverse, LPIPS targets every step; default the first three)
+#                                            # inverse, LPIPS targets every step; setup_profile - the set-up alone
+#                                            # under cProfile, its slowest functions printed; default the first three)
 #   bash scripts/gpu_bench.sh reconstruct DATA  # splatfacto 15k of a second scene alone, for its `edit` (e.g. ~100 views:
 #                                            # python3 scripts/make_scene.py outputs/scene100 --views 100 --size 512)
 #   bash scripts/gpu_bench.sh extra DATA     # the editor alone (bench_ip2p: reference-style, eager, packaged), and the
@@ -29,6 +30,7 @@
 #   source .device/env.sh > /dev/null && RESULTS=$OUT bash scripts/gpu_bench.sh prepare .device/data/stone_horse
 # A scene's default edit in one call (a machine taken back between calls loses the reconstruction and the packages):
 #   GPU_TESTS=0 bash scripts/gpu_bench.sh prepare D && EDITS=cached bash scripts/gpu_bench.sh edit D  # stone_horse: 525 s
+#   (EDITS="cached setup_profile": then where the set-up went, ~40 s more)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 phases="prepare|edit|extra|batch|reconstruct|steps"
@@ -37,10 +39,11 @@ phase=${1:-}; data=${2:-}
 if [[ ! "$phase" =~ ^($phases)$ || ! -d "$data" ]]; then
     echo "$usage (DATA: a nerfstudio scene folder)" >&2; exit 2
 fi
-edit_runs="cached cached_overlap off"  # edit's runs by default; EDITS picks among these and cached_old_step
+edit_runs="cached cached_overlap off"  # edit's runs by default; EDITS picks among these, cached_old_step and setup_profile
+more_runs="cached_old_step setup_profile"
 old_step="--gsplat-checked-inverse --no-lpips-target-cache"  # the training step before 2026-12-07's second session
 for run in ${EDITS:-}; do
-    [[ " $edit_runs cached_old_step " == *" $run "* ]] || { echo "$usage (EDITS: some of $edit_runs cached_old_step, not $run)" >&2; exit 2; }
+    [[ " $edit_runs $more_runs " == *" $run "* ]] || { echo "$usage (EDITS: some of $edit_runs $more_runs, not $run)" >&2; exit 2; }
 done
 work=outputs/gpu_bench
 results=${RESULTS:-$work/results}
@@ -102,6 +105,8 @@ print({k: r.get(k) for k in ("total_s", "setup_s", "sweep_s", "ip2p_s_per_edit",
       "median step ms:", r.get("step_times", {}).get("median_ms"), "before it:", r.get("splat_training_split_s", {}).get("before_first_step"),
       "warm-up:", r.get("editor_warm_up_from_setup_start_s"),
       "reference:", {k: r.get("reference_style", {}).get(k) for k in ("s_per_view", "speedup", "sweep_speedup")})
+for row in r.get("setup_profile", {}).get("by_cumulative_time", [])[:25]:  # setup_profile's run
+    print(f'{row["cumulative_ms"] / 1000:8.2f} s {row["own_ms"] / 1000:8.2f} s own {row["calls"]:>8} calls  {row["function"]}')
 PY
 }
 
@@ -129,6 +134,7 @@ edit)
         cached_overlap) bench_edit cached_overlap --compile cached --overlap ;;
         off) bench_edit off --compile off ;;
         cached_old_step) bench_edit cached_old_step --compile cached $old_step ;;
+        setup_profile) bench_edit setup_profile --compile cached --setup-only --profile-setup ;;
         esac
     done
     ;;
