@@ -13,7 +13,9 @@ editor's images, so the splats behave as in a real edit.
 In the same run, ``--reference-views K`` times K views of a reference-style sweep (one view at a
 time: render, edit at batch 1 with CPU offload, attention slicing and re-encoded conditioning,
 swap) and projects the reference-style total as set-up + 3 sweeps of that + the same splat
-training (which favours the reference: its LPIPS runs in float32).
+training (which favours the reference: its LPIPS runs in float32); ``--reference-steps N`` also times N
+training steps made the reference's way after the edit and projects a second total with the edit's
+steps each longer by the difference of the median steps.
 
     python scripts/bench_edit.py --data DATA --load-dir RUN/nerfstudio_models --ip2p-model DIR
 """
@@ -29,8 +31,9 @@ import os
 import pstats
 import sys
 import time
+import traceback
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -309,6 +312,65 @@ def reference_s_per_view(pipeline, model: str, views: int) -> float:
     return (time.perf_counter() - started) / views
 
 
+def run_callbacks(trainer, step: int, location: TrainingCallbackLocation) -> None:
+    for callback in trainer.callbacks:
+        callback.run_callback_at_location(step, location=location)
+
+
+REFERENCE_LOSS = {"lpips_bf16": False, "lpips_cuda_graph": False, "lpips_target_cache_mb": 0}
+"""The model settings of a reference-style training step: LPIPS in float32, eager, the target through AlexNet every step."""
+
+
+@contextlib.contextmanager
+def reference_style_steps(trainer) -> Iterator[None]:
+    """Inside, the trainer's steps are made as splatfacto with an LPIPS term makes them (the reference's training):
+    ``REFERENCE_LOSS``, gsplat's checked inverse, the training metrics every step, nerfstudio's multi-tensor Adam,
+    and no sweeps. The edit's settings come back after (its Adam fused again)."""
+    import gsplat.rendering
+
+    from igs2gs.trainer import use_fused_adam
+
+    pipeline, model, optimizers = trainer.pipeline, trainer.pipeline.model, trainer.optimizers.optimizers
+    kept = {name: getattr(model.config, name) for name in REFERENCE_LOSS}
+    metrics_every, paused, gsplat_torch = model.training_metrics_every, pipeline.editing_paused, gsplat.rendering.torch
+    fused = [name for name, optimizer in optimizers.items() if any(group.get("fused") for group in optimizer.param_groups)]
+    for name in fused:  # multi-tensor Adam counts its steps on the host
+        for group in optimizers[name].param_groups:
+            group["fused"], group["foreach"] = False, True
+        for state in optimizers[name].state.values():
+            if "step" in state:
+                state["step"] = state["step"].detach().to("cpu", torch.float32)
+    for name, value in REFERENCE_LOSS.items():
+        setattr(model.config, name, value)
+    model.training_metrics_every, pipeline.editing_paused, gsplat.rendering.torch = 1, True, torch
+    try:
+        yield
+    finally:
+        for name, value in kept.items():
+            setattr(model.config, name, value)
+        model.training_metrics_every, pipeline.editing_paused, gsplat.rendering.torch = metrics_every, paused, gsplat_torch
+        devices = {param.device.type for name in fused for group in optimizers[name].param_groups for param in group["params"]}
+        use_fused_adam({name: optimizers[name] for name in fused}, device_types=tuple(devices))
+
+
+def reference_style_step_ms(trainer, steps: int, warm: int = 3) -> float:
+    """Median milliseconds from one step's start to the next over ``steps`` training steps made the reference's way
+    (``reference_style_steps``), after ``warm`` unmeasured ones (their first-use costs), continuing after the edit's
+    last step: the edit's ``step_times`` measured the same way."""
+    first = trainer.step + 1
+    starts: List[float] = []
+    trainer.pipeline.model.train()
+    with reference_style_steps(trainer):
+        for step in range(first, first + warm + steps + 1):  # one more step: the last measured step's end
+            if step >= first + warm:
+                starts.append(time.perf_counter())
+            run_callbacks(trainer, step, TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)  # as Trainer.train does
+            trainer.train_iteration(step)
+            run_callbacks(trainer, step, TrainingCallbackLocation.AFTER_TRAIN_ITERATION)
+    gaps = sorted(later - earlier for earlier, later in zip(starts, starts[1:]))
+    return 1000 * gaps[len(gaps) // 2]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True)
@@ -331,6 +393,12 @@ def main() -> None:
     parser.add_argument("--overlap", action="store_true", help="--pipeline.overlap-edits: edits run while training goes on")
     parser.add_argument("--ip2p-devices", help="--pipeline.ip2p-devices, e.g. cuda:1,cuda:2 (compare sweep_s with a one-device run)")
     parser.add_argument("--reference-views", type=int, default=0, help="views of a reference-style sweep to time")
+    parser.add_argument(
+        "--reference-steps", type=int, default=0,
+        help="with --reference-views: after the edit, time this many training steps made the reference's way (float32 eager "
+        "LPIPS of the target every step, gsplat's checked inverse, metrics every step, multi-tensor Adam) and project "
+        "the reference-style total with them too",
+    )
     parser.add_argument("--gsplat-checked-inverse", action="store_true", help="--pipeline.model.gsplat-unchecked-inverse False: gsplat's camera-centre inverse with its error check (one host wait more per step)")
     parser.add_argument("--no-warm-up", action="store_true", help="no editor warm-up beside set-up (the first sweep pays it)")
     parser.add_argument("--setup-only", action="store_true", help="stop after set-up: JSON setup_s (and setup_profile) only")
@@ -349,6 +417,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.profile_steps > 0 and args.profile_from is None and 2 * args.profile_steps + 101 > args.steps:
         parser.error(f"--profile-steps {args.profile_steps} needs at least {2 * args.profile_steps + 101} --steps (two windows 100 steps apart)")
+    if args.reference_steps and not args.reference_views:
+        parser.error("--reference-steps extends the reference-style projection of --reference-views: give both")
     if args.train_on == "oracle" and (args.overlap or args.ip2p_devices):
         parser.error("--train-on oracle swaps the single editor; it does not combine with --overlap or --ip2p-devices")
 
@@ -479,6 +549,17 @@ def main() -> None:
     if setup_profile is not None:
         result["setup_profile"] = setup_profile
         result["before_first_step_profile"] = {"per": "run", **python_profile_figures(start_profiler, 1, rows=25)}
+    reference_steps: Dict[str, object] = {}
+    if args.reference_steps:  # before the reference-style views, which replace training images
+        try:
+            step_ms = reference_style_step_ms(trainer, args.reference_steps)
+        except Exception as error:  # the edit's figures above still get written; the failure is reported with them
+            traceback.print_exc()
+            reference_steps = {"steps_error": f"{type(error).__name__}: {error}"}
+        else:
+            # the edit's training, each of its steps longer by the difference of the median steps
+            extra_s = steps_done * (step_ms - result["step_times"]["median_ms"]) / 1000
+            reference_steps = {"step_median_ms": step_ms, "steps_timed": args.reference_steps, "step_extra_s": extra_s}
     if args.reference_views:
         per_view = reference_s_per_view(trainer.pipeline, args.ip2p_model, args.reference_views)
         sweeps_run = len(sweeps)
@@ -489,7 +570,11 @@ def main() -> None:
             "projected_total_s": reference_total,
             "speedup": reference_total / total_s,
             "sweep_speedup": sweeps_run * result["views"] * per_view / sweep_s,
+            **reference_steps,
         }
+        if "step_extra_s" in reference_steps:
+            with_steps = reference_total + reference_steps["step_extra_s"]
+            result["reference_style"].update(projected_total_s_reference_steps=with_steps, speedup_reference_steps=with_steps / total_s)
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

@@ -24,7 +24,8 @@
 #
 # Work files stay in outputs/gpu_bench (keep the machine warm between the phases). BATCH, HEIGHT, WIDTH: the sweeps'
 # padded batch shape (stone_horse, 73 training views of 511x511: 15 511 511). REFERENCE_VIEWS: reference-style views
-# timed per edit run (default 2). GPU_TESTS=0: prepare leaves the GPU tests out (prepare and one edit then fit in one
+# timed per edit run (default 2); REFERENCE_STEPS: training steps timed the reference's way after the cached edit, for a
+# second reference-style projection (default 300; none without reference views). GPU_TESTS=0: prepare leaves the GPU tests out (prepare and one edit then fit in one
 # call). On this project's lent GPU machine (the device tool; the machine goes back 30 s
 # after a call, so send the next call at once):
 #   source .device/env.sh > /dev/null && RESULTS=$OUT bash scripts/gpu_bench.sh prepare .device/data/stone_horse
@@ -104,7 +105,7 @@ r = json.load(open(sys.argv[1]))
 print({k: r.get(k) for k in ("total_s", "setup_s", "sweep_s", "ip2p_s_per_edit", "splat_training_s", "peak_gpu_gb", "editor_packages")},
       "median step ms:", r.get("step_times", {}).get("median_ms"), "before it:", r.get("splat_training_split_s", {}).get("before_first_step"),
       "warm-up:", r.get("editor_warm_up_from_setup_start_s"),
-      "reference:", {k: r.get("reference_style", {}).get(k) for k in ("s_per_view", "speedup", "sweep_speedup")})
+      "reference:", {k: r.get("reference_style", {}).get(k) for k in ("s_per_view", "speedup", "sweep_speedup", "step_median_ms", "speedup_reference_steps", "steps_error")})
 for row in r.get("setup_profile", {}).get("by_cumulative_time", [])[:25]:  # setup_profile's run
     print(f'{row["cumulative_ms"] / 1000:8.2f} s {row["own_ms"] / 1000:8.2f} s own {row["calls"]:>8} calls  {row["function"]}')
 PY
@@ -130,7 +131,8 @@ PY
 edit)
     for run in ${EDITS:-$edit_runs}; do
         case "$run" in
-        cached) bench_edit cached --compile cached --reference-views "${REFERENCE_VIEWS:-2}" ;;
+        cached) bench_edit cached --compile cached --reference-views "${REFERENCE_VIEWS:-2}" \
+            --reference-steps "$([[ ${REFERENCE_VIEWS:-2} == 0 ]] && echo 0 || echo "${REFERENCE_STEPS:-300}")" ;;
         cached_overlap) bench_edit cached_overlap --compile cached --overlap ;;
         off) bench_edit off --compile off ;;
         cached_old_step) bench_edit cached_old_step --compile cached $old_step ;;

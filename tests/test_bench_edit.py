@@ -1,5 +1,5 @@
 """The benchmarks' CPU-checkable parts: bench_edit.py's step-time breakdown (pure arithmetic, checked on made-up
-clocks), garbage-collection clock and step profiler, bench_ip2p.py's argument checks and steady sweep, and
+clocks), garbage-collection clock, step profiler and reference-style training steps (on a CPU edit), bench_ip2p.py's argument checks and steady sweep, and
 bench_editor_load.py on the CPU."""
 
 from __future__ import annotations
@@ -174,3 +174,51 @@ def test_bench_edit_refuses_profile_windows_longer_than_the_run_before_anything_
     result = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert "--profile-steps 60 needs at least 221 --steps" in result.stderr
+    result = subprocess.run([*args[:-4], "--reference-steps", "50"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "--reference-steps extends the reference-style projection of --reference-views" in result.stderr
+
+
+def test_reference_style_steps_train_the_reference_way_then_give_the_edit_its_settings_back(
+    scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path
+):
+    import gsplat.rendering
+    from nerfstudio.engine.callbacks import TrainingCallbackLocation
+    from nerfstudio.utils import writer
+
+    from bench_edit import REFERENCE_LOSS, reference_style_step_ms, run_callbacks
+    from igs2gs.trainer import use_fused_adam
+    from test_pipeline import make_trainer
+
+    trainer = make_trainer(scene_dir, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, "reference-steps")
+    model, optimizers = trainer.pipeline.model, trainer.optimizers.optimizers
+    fused = use_fused_adam(optimizers, device_types=("cpu",))  # as the edit's Adam is on CUDA
+    assert "means" in fused
+    for step in range(trainer._start_step, trainer._start_step + 2):  # the first sweep, then a step on its edits
+        run_callbacks(trainer, step, TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
+        trainer.train_iteration(step)
+        run_callbacks(trainer, step, TrainingCallbackLocation.AFTER_TRAIN_ITERATION)
+    trainer.step = trainer._start_step + 1
+    edit_settings = {name: getattr(model.config, name) for name in REFERENCE_LOSS}
+    edit_metrics_every, edit_gsplat_torch = model.training_metrics_every, gsplat.rendering.torch
+    assert edit_settings != REFERENCE_LOSS and edit_metrics_every > 1
+    sweeps, means = len(trainer.pipeline.sweep_timings), model.means.detach().clone()
+    adam_steps = float(optimizers["means"].state[model.means]["step"])
+
+    seen = []
+    lpips_loss = model.lpips_loss
+
+    def spy(prediction, target, target_features=None):
+        seen.append((target_features, {name: getattr(model.config, name) for name in REFERENCE_LOSS}, model.training_metrics_every,
+                     trainer.pipeline.editing_paused, gsplat.rendering.torch is torch, optimizers["means"].param_groups[0]["fused"]))
+        return lpips_loss(prediction, target, target_features)
+
+    model.lpips_loss = spy
+    step_ms = reference_style_step_ms(trainer, steps=2, warm=1)
+    writer.EVENT_STORAGE.clear()
+    assert step_ms > 0 and len(seen) == 4  # one warm step, two timed, one closing the last
+    assert all(item == (None, REFERENCE_LOSS, 1, True, True, False) for item in seen)
+    assert not torch.equal(model.means.detach(), means) and len(trainer.pipeline.sweep_timings) == sweeps  # trained, no sweep
+    assert float(optimizers["means"].state[model.means]["step"]) == adam_steps + 4
+    assert {name: getattr(model.config, name) for name in REFERENCE_LOSS} == edit_settings
+    assert (model.training_metrics_every, gsplat.rendering.torch, trainer.pipeline.editing_paused) == (edit_metrics_every, edit_gsplat_torch, False)
+    assert all(optimizers[name].param_groups[0]["fused"] for name in fused)
