@@ -1,6 +1,6 @@
 """The benchmarks' CPU-checkable parts: bench_edit.py's step-time breakdown (pure arithmetic, checked on made-up
-clocks), garbage-collection clock, step profiler and reference-style training steps (on a CPU edit), bench_ip2p.py's argument checks and steady sweep, and
-bench_editor_load.py on the CPU."""
+clocks), garbage-collection clock, step profiler and reference-style training steps (on a CPU edit), bench_ip2p.py's
+argument checks and steady sweep, and bench_editor_load.py on the CPU."""
 
 from __future__ import annotations
 
