@@ -354,20 +354,23 @@ def reference_style_steps(trainer) -> Iterator[None]:
 
 
 def reference_style_step_ms(trainer, steps: int, warm: int = 3) -> float:
-    """Median milliseconds from one step's start to the next over ``steps`` training steps made the reference's way
+    """Median milliseconds from one step's end to the next over ``steps`` training steps made the reference's way
     (``reference_style_steps``), after ``warm`` unmeasured ones (their first-use costs), continuing after the edit's
-    last step: the edit's ``step_times`` measured the same way."""
+    last step. The edit's ``step_times`` are timed so too, but inside ``Trainer.train``, whose own work between steps
+    (its logging) these steps leave out: a little in the reference's favour."""
+    if warm < 1 or steps < 1:
+        raise ValueError(f"reference-style steps need warm >= 1 and steps >= 1, not {warm} and {steps}")
     first = trainer.step + 1
-    starts: List[float] = []
+    ends: List[float] = []
     trainer.pipeline.model.train()
     with reference_style_steps(trainer):
-        for step in range(first, first + warm + steps + 1):  # one more step: the last measured step's end
-            if step >= first + warm:
-                starts.append(time.perf_counter())
+        for step in range(first, first + warm + steps):  # the last unmeasured step's end starts the first gap
             run_callbacks(trainer, step, TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)  # as Trainer.train does
             trainer.train_iteration(step)
             run_callbacks(trainer, step, TrainingCallbackLocation.AFTER_TRAIN_ITERATION)
-    gaps = sorted(later - earlier for earlier, later in zip(starts, starts[1:]))
+            if step >= first + warm - 1:
+                ends.append(time.perf_counter())
+    gaps = sorted(later - earlier for earlier, later in zip(ends, ends[1:]))
     return 1000 * gaps[len(gaps) // 2]
 
 
@@ -417,6 +420,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.profile_steps > 0 and args.profile_from is None and 2 * args.profile_steps + 101 > args.steps:
         parser.error(f"--profile-steps {args.profile_steps} needs at least {2 * args.profile_steps + 101} --steps (two windows 100 steps apart)")
+    if args.reference_steps < 0:
+        parser.error(f"--reference-steps must be 0 (none) or more, not {args.reference_steps}")
     if args.reference_steps and not args.reference_views:
         parser.error("--reference-steps extends the reference-style projection of --reference-views: give both")
     if args.train_on == "oracle" and (args.overlap or args.ip2p_devices):

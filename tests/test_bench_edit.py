@@ -215,10 +215,10 @@ def test_reference_style_steps_train_the_reference_way_then_give_the_edit_its_se
     model.lpips_loss = spy
     step_ms = reference_style_step_ms(trainer, steps=2, warm=1)
     writer.EVENT_STORAGE.clear()
-    assert step_ms > 0 and len(seen) == 4  # one warm step, two timed, one closing the last
+    assert step_ms > 0 and len(seen) == 3  # one warm step (its end starts the first gap), two timed
     assert all(item == (None, REFERENCE_LOSS, 1, True, True, False) for item in seen)
     assert not torch.equal(model.means.detach(), means) and len(trainer.pipeline.sweep_timings) == sweeps  # trained, no sweep
-    assert float(optimizers["means"].state[model.means]["step"]) == adam_steps + 4
+    assert float(optimizers["means"].state[model.means]["step"]) == adam_steps + 3
     assert {name: getattr(model.config, name) for name in REFERENCE_LOSS} == edit_settings
     assert (model.training_metrics_every, gsplat.rendering.torch, trainer.pipeline.editing_paused) == (edit_metrics_every, edit_gsplat_torch, False)
     assert all(optimizers[name].param_groups[0]["fused"] for name in fused)
