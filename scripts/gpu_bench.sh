@@ -25,9 +25,9 @@
 # Work files stay in outputs/gpu_bench (keep the machine warm between the phases). BATCH, HEIGHT, WIDTH: the sweeps'
 # padded batch shape (stone_horse, 73 training views of 511x511: 15 511 511). REFERENCE_VIEWS: reference-style views
 # timed per edit run (default 2); REFERENCE_STEPS: training steps timed the reference's way after the cached edit, for a
-# second reference-style projection (default 300; none without reference views). GPU_TESTS=0: prepare leaves the GPU tests out (prepare and one edit then fit in one
-# call). On this project's lent GPU machine (the device tool; the machine goes back 30 s
-# after a call, so send the next call at once):
+# second reference-style projection (default 300; none without reference views). GPU_TESTS=0: prepare leaves the GPU
+# tests out (prepare and one edit then fit in one call). On this project's lent GPU machine (the device tool; the
+# machine goes back 30 s after a call, so send the next call at once):
 #   source .device/env.sh > /dev/null && RESULTS=$OUT bash scripts/gpu_bench.sh prepare .device/data/stone_horse
 # A scene's default edit in one call (a machine taken back between calls loses the reconstruction and the packages):
 #   GPU_TESTS=0 bash scripts/gpu_bench.sh prepare D && EDITS=cached bash scripts/gpu_bench.sh edit D  # stone_horse: 525 s
