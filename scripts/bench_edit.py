@@ -312,9 +312,14 @@ def reference_s_per_view(pipeline, model: str, views: int) -> float:
     return (time.perf_counter() - started) / views
 
 
-def run_callbacks(trainer, step: int, location: TrainingCallbackLocation) -> None:
+def train_step(trainer, step: int) -> None:
+    """One training step as ``Trainer.train`` makes it outside its logging: the callbacks before (splatfacto's hands
+    the model its optimizers), the iteration, the callbacks after."""
     for callback in trainer.callbacks:
-        callback.run_callback_at_location(step, location=location)
+        callback.run_callback_at_location(step, location=TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
+    trainer.train_iteration(step)
+    for callback in trainer.callbacks:
+        callback.run_callback_at_location(step, location=TrainingCallbackLocation.AFTER_TRAIN_ITERATION)
 
 
 REFERENCE_LOSS = {"lpips_bf16": False, "lpips_cuda_graph": False, "lpips_target_cache_mb": 0}
@@ -328,6 +333,7 @@ def reference_style_steps(trainer) -> Iterator[None]:
     and no sweeps. The edit's settings come back after (its Adam fused again)."""
     import gsplat.rendering
 
+    from igs2gs.model import use_unchecked_inverse_in_gsplat
     from igs2gs.trainer import use_fused_adam
 
     pipeline, model, optimizers = trainer.pipeline, trainer.pipeline.model, trainer.optimizers.optimizers
@@ -342,7 +348,8 @@ def reference_style_steps(trainer) -> Iterator[None]:
                 state["step"] = state["step"].detach().to("cpu", torch.float32)
     for name, value in REFERENCE_LOSS.items():
         setattr(model.config, name, value)
-    model.training_metrics_every, pipeline.editing_paused, gsplat.rendering.torch = 1, True, torch
+    model.training_metrics_every, pipeline.editing_paused = 1, True
+    use_unchecked_inverse_in_gsplat(False)
     try:
         yield
     finally:
@@ -365,9 +372,7 @@ def reference_style_step_ms(trainer, steps: int, warm: int = 3) -> float:
     trainer.pipeline.model.train()
     with reference_style_steps(trainer):
         for step in range(first, first + warm + steps):  # the last unmeasured step's end starts the first gap
-            run_callbacks(trainer, step, TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)  # as Trainer.train does
-            trainer.train_iteration(step)
-            run_callbacks(trainer, step, TrainingCallbackLocation.AFTER_TRAIN_ITERATION)
+            train_step(trainer, step)
             if step >= first + warm - 1:
                 ends.append(time.perf_counter())
     gaps = sorted(later - earlier for earlier, later in zip(ends, ends[1:]))

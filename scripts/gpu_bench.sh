@@ -42,6 +42,8 @@ if [[ ! "$phase" =~ ^($phases)$ || ! -d "$data" ]]; then
 fi
 edit_runs="cached cached_overlap off"  # edit's runs by default; EDITS picks among these, cached_old_step and setup_profile
 more_runs="cached_old_step setup_profile"
+reference_views=${REFERENCE_VIEWS:-2} reference_steps=${REFERENCE_STEPS:-300}
+[[ $reference_views == 0 ]] && reference_steps=0  # the steps extend the views' projection
 old_step="--gsplat-checked-inverse --no-lpips-target-cache"  # the training step before 2026-12-07's second session
 for run in ${EDITS:-}; do
     [[ " $edit_runs $more_runs " == *" $run "* ]] || { echo "$usage (EDITS: some of $edit_runs $more_runs, not $run)" >&2; exit 2; }
@@ -131,8 +133,7 @@ PY
 edit)
     for run in ${EDITS:-$edit_runs}; do
         case "$run" in
-        cached) bench_edit cached --compile cached --reference-views "${REFERENCE_VIEWS:-2}" \
-            --reference-steps "$([[ ${REFERENCE_VIEWS:-2} == 0 ]] && echo 0 || echo "${REFERENCE_STEPS:-300}")" ;;
+        cached) bench_edit cached --compile cached --reference-views "$reference_views" --reference-steps "$reference_steps" ;;
         cached_overlap) bench_edit cached_overlap --compile cached --overlap ;;
         off) bench_edit off --compile off ;;
         cached_old_step) bench_edit cached_old_step --compile cached $old_step ;;

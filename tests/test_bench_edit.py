@@ -182,10 +182,9 @@ def test_reference_style_steps_train_the_reference_way_then_give_the_edit_its_se
     scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path
 ):
     import gsplat.rendering
-    from nerfstudio.engine.callbacks import TrainingCallbackLocation
     from nerfstudio.utils import writer
 
-    from bench_edit import REFERENCE_LOSS, reference_style_step_ms, run_callbacks
+    from bench_edit import REFERENCE_LOSS, reference_style_step_ms, train_step
     from igs2gs.trainer import use_fused_adam
     from test_pipeline import make_trainer
 
@@ -194,9 +193,7 @@ def test_reference_style_steps_train_the_reference_way_then_give_the_edit_its_se
     fused = use_fused_adam(optimizers, device_types=("cpu",))  # as the edit's Adam is on CUDA
     assert "means" in fused
     for step in range(trainer._start_step, trainer._start_step + 2):  # the first sweep, then a step on its edits
-        run_callbacks(trainer, step, TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)
-        trainer.train_iteration(step)
-        run_callbacks(trainer, step, TrainingCallbackLocation.AFTER_TRAIN_ITERATION)
+        train_step(trainer, step)
     trainer.step = trainer._start_step + 1
     edit_settings = {name: getattr(model.config, name) for name in REFERENCE_LOSS}
     edit_metrics_every, edit_gsplat_torch = model.training_metrics_every, gsplat.rendering.torch
