@@ -10,7 +10,10 @@
 #                                            # (EDITS: which of cached, cached_overlap, off, cached_old_step - the
 #                                            # training step before 2026-12-07's second session: gsplat's checked
 #                                            # inverse, LPIPS targets every step; setup_profile - the set-up alone
-#                                            # under cProfile, its slowest functions printed; default the first three)
+#                                            # under cProfile, its slowest functions printed; setup - the set-up
+#                                            # alone; setup_no_bytecode - the same compiling every module from source,
+#                                            # as the set-up figures before 2026-12-07's seventh session did; a run
+#                                            # named twice gets _2, _3 on its files; default the first three)
 #   bash scripts/gpu_bench.sh reconstruct DATA  # splatfacto 15k of a second scene alone, for its `edit` (e.g. ~100 views:
 #                                            # python3 scripts/make_scene.py outputs/scene100 --views 100 --size 512)
 #   bash scripts/gpu_bench.sh extra DATA     # the editor alone (bench_ip2p: reference-style, eager, packaged), and the
@@ -41,7 +44,7 @@ if [[ ! "$phase" =~ ^($phases)$ || ! -d "$data" ]]; then
     echo "$usage (DATA: a nerfstudio scene folder)" >&2; exit 2
 fi
 edit_runs="cached cached_overlap off"  # edit's runs by default; EDITS picks among these, cached_old_step and setup_profile
-more_runs="cached_old_step setup_profile"
+more_runs="cached_old_step setup_profile setup setup_no_bytecode"
 reference_views=${REFERENCE_VIEWS:-2} reference_steps=${REFERENCE_STEPS:-300}
 [[ $reference_views == 0 ]] && reference_steps=0  # the steps extend the views' projection
 old_step="--gsplat-checked-inverse --no-lpips-target-cache"  # the training step before 2026-12-07's second session
@@ -59,14 +62,17 @@ prompt="turn the horse into a giraffe"
 # An installation made with byte-code (as pip makes one by default) imports without compiling thousands of modules:
 # set-up figures then are a user's, not those of a machine installed with --no-compile. The byte-code goes to a cache
 # of its own (PYTHONPYCACHEPREFIX, exported to every run below), so folders this user cannot write or a system Python's
-# dist-packages are cached too (a 2026-12-07 set-up profile on the lent H100 compiled 2,116 modules from source).
+# dist-packages are cached too; every folder on the path is compiled into it, the standard library's included (with a
+# prefix, Python no longer reads the __pycache__ folders beside the sources). `python3 -m compileall`, not compileall
+# called from a script on stdin: Python 3.12's compileall starts its workers through forkserver, which cannot re-run a
+# main module read from stdin, so every worker died and the cache stayed empty (set-up figures before 2026-12-07's
+# seventh session include ~12 s of compiling on the lent H100's slower hosts).
 export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-/tmp/igs2gs-pycache}
-python3 - <<'PY' >/dev/null 2>&1
-import compileall, sys
-for folder in [*sys.path]:
-    if folder.endswith(("site-packages", "dist-packages", "site")):
-        compileall.compile_dir(folder, quiet=2, workers=0)
-PY
+mapfile -t import_folders < <(python3 -c 'import os, sys
+print("\n".join(f for f in sys.path if f and os.path.isdir(f) and os.path.realpath(f) != os.getcwd()))')
+started=$SECONDS
+python3 -m compileall -q -j 0 "${import_folders[@]}" > "$results/compileall.log" 2>&1  # exit 1: some file did not compile
+echo "byte-code of ${#import_folders[@]} import folders in $((SECONDS - started)) s (into $PYTHONPYCACHEPREFIX; $(grep -c '^\*\*\*' "$results/compileall.log") files failed, see compileall.log)"
 
 reconstruct() {  # splatfacto of the scene (RECON_STEPS, default 15k), its log under the scene's name
     python3 scripts/reconstruct.py --data "$data" --output-dir "$work" --steps "${RECON_STEPS:-15000}" --device cuda \
@@ -131,13 +137,21 @@ PY
     wait_reconstruction_and_tests
     ;;
 edit)
+    [[ -d $editor ]] || make_editor
+    declare -A times_run=()
     for run in ${EDITS:-$edit_runs}; do
+        times_run[$run]=$((${times_run[$run]:-0} + 1))
+        name=$run
+        ((times_run[$run] > 1)) && name=${run}_${times_run[$run]}
         case "$run" in
-        cached) bench_edit cached --compile cached --reference-views "$reference_views" --reference-steps "$reference_steps" ;;
-        cached_overlap) bench_edit cached_overlap --compile cached --overlap ;;
-        off) bench_edit off --compile off ;;
-        cached_old_step) bench_edit cached_old_step --compile cached $old_step ;;
-        setup_profile) bench_edit setup_profile --compile cached --setup-only --profile-setup ;;
+        cached) bench_edit "$name" --compile cached --reference-views "$reference_views" --reference-steps "$reference_steps" ;;
+        cached_overlap) bench_edit "$name" --compile cached --overlap ;;
+        off) bench_edit "$name" --compile off ;;
+        cached_old_step) bench_edit "$name" --compile cached $old_step ;;
+        setup_profile) bench_edit "$name" --compile cached --setup-only --profile-setup ;;
+        setup) bench_edit "$name" --compile cached --setup-only ;;
+        setup_no_bytecode)  # an empty cache that stays empty: every import compiles its module
+            (export PYTHONPYCACHEPREFIX=$(mktemp -d) PYTHONDONTWRITEBYTECODE=1; bench_edit "$name" --compile cached --setup-only) ;;
         esac
     done
     ;;
