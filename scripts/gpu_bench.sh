@@ -11,9 +11,10 @@
 #                                            # training step before 2026-12-07's second session: gsplat's checked
 #                                            # inverse, LPIPS targets every step; setup_profile - the set-up alone
 #                                            # under cProfile, its slowest functions printed; setup - the set-up
-#                                            # alone; setup_no_bytecode - the same compiling every module from source,
-#                                            # as the set-up figures before 2026-12-07's seventh session did; a run
-#                                            # named twice gets _2, _3 on its files; default the first three)
+#                                            # alone; setup_no_bytecode - the same compiling every module from
+#                                            # source, as the lent machines' set-ups did before 2026-12-07's seventh
+#                                            # session; a run named twice gets _2, _3 on its files; default the first
+#                                            # three)
 #   bash scripts/gpu_bench.sh reconstruct DATA  # splatfacto 15k of a second scene alone, for its `edit` (e.g. ~100 views:
 #                                            # python3 scripts/make_scene.py outputs/scene100 --views 100 --size 512)
 #   bash scripts/gpu_bench.sh extra DATA     # the editor alone (bench_ip2p: reference-style, eager, packaged), and the
@@ -43,7 +44,7 @@ phase=${1:-}; data=${2:-}
 if [[ ! "$phase" =~ ^($phases)$ || ! -d "$data" ]]; then
     echo "$usage (DATA: a nerfstudio scene folder)" >&2; exit 2
 fi
-edit_runs="cached cached_overlap off"  # edit's runs by default; EDITS picks among these, cached_old_step and setup_profile
+edit_runs="cached cached_overlap off"  # edit's runs by default; EDITS picks among these and more_runs
 more_runs="cached_old_step setup_profile setup setup_no_bytecode"
 reference_views=${REFERENCE_VIEWS:-2} reference_steps=${REFERENCE_STEPS:-300}
 [[ $reference_views == 0 ]] && reference_steps=0  # the steps extend the views' projection
@@ -65,14 +66,15 @@ prompt="turn the horse into a giraffe"
 # dist-packages are cached too; every folder on the path is compiled into it, the standard library's included (with a
 # prefix, Python no longer reads the __pycache__ folders beside the sources). `python3 -m compileall`, not compileall
 # called from a script on stdin: Python 3.12's compileall starts its workers through forkserver, which cannot re-run a
-# main module read from stdin, so every worker died and the cache stayed empty (set-up figures before 2026-12-07's
-# seventh session include ~12 s of compiling on the lent H100's slower hosts).
+# main module read from stdin, so every worker died and the cache stayed empty (the set-ups timed from 1f58e1f to this
+# fix include ~12 s of compiling on the lent H100's slower hosts).
 export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-/tmp/igs2gs-pycache}
 mapfile -t import_folders < <(python3 -c 'import os, sys
 print("\n".join(f for f in sys.path if f and os.path.isdir(f) and os.path.realpath(f) != os.getcwd()))')
 started=$SECONDS
 python3 -m compileall -q -j 0 "${import_folders[@]}" > "$results/compileall.log" 2>&1  # exit 1: some file did not compile
-echo "byte-code of ${#import_folders[@]} import folders in $((SECONDS - started)) s (into $PYTHONPYCACHEPREFIX; $(grep -c '^\*\*\*' "$results/compileall.log") files failed, see compileall.log)"
+failed=$(grep -c '^\*\*\*' "$results/compileall.log")
+echo "byte-code of ${#import_folders[@]} import folders in $((SECONDS - started)) s into $PYTHONPYCACHEPREFIX ($failed files failed)"
 
 reconstruct() {  # splatfacto of the scene (RECON_STEPS, default 15k), its log under the scene's name
     python3 scripts/reconstruct.py --data "$data" --output-dir "$work" --steps "${RECON_STEPS:-15000}" --device cuda \
