@@ -69,12 +69,17 @@ prompt="turn the horse into a giraffe"
 # main module read from stdin, so every worker died and the cache stayed empty (the set-ups timed from 1f58e1f to this
 # fix include ~12 s of compiling on the lent H100's slower hosts).
 export PYTHONPYCACHEPREFIX=${PYTHONPYCACHEPREFIX:-/tmp/igs2gs-pycache}
-mapfile -t import_folders < <(python3 -c 'import os, sys
+compile_byte_code() {
+    local folders started=$SECONDS failed
+    mapfile -t folders < <(python3 -c 'import os, sys
 print("\n".join(f for f in sys.path if f and os.path.isdir(f) and os.path.realpath(f) != os.getcwd()))')
-started=$SECONDS
-python3 -m compileall -q -j 0 "${import_folders[@]}" > "$results/compileall.log" 2>&1  # exit 1: some file did not compile
-failed=$(grep -c '^\*\*\*' "$results/compileall.log")
-echo "byte-code of ${#import_folders[@]} import folders in $((SECONDS - started)) s into $PYTHONPYCACHEPREFIX ($failed files failed)"
+    python3 -m compileall -q -j 0 "${folders[@]}" > "$results/compileall.log" 2>&1  # exit 1: some file did not compile
+    failed=$(grep -c '^\*\*\*' "$results/compileall.log")
+    echo "byte-code of ${#folders[@]} import folders in $((SECONDS - started)) s into $PYTHONPYCACHEPREFIX ($failed files failed)"
+}
+# prepare times nothing of set-up: it compiles beside its work (a module half written is never read: each is written
+# to a temporary file and renamed); the other phases compile first (seconds once the cache is full)
+if [[ $phase == prepare ]]; then compile_byte_code & byte_code=$!; else compile_byte_code; fi
 
 reconstruct() {  # splatfacto of the scene (RECON_STEPS, default 15k), its log under the scene's name
     python3 scripts/reconstruct.py --data "$data" --output-dir "$work" --steps "${RECON_STEPS:-15000}" --device cuda \
@@ -137,6 +142,7 @@ print(f"packages for batch {batch} {width}x{height}: {sorted(editor._packages)} 
 PY
     echo "packages: exit $?"; tail -n 2 "$results/packages.log"
     wait_reconstruction_and_tests
+    wait "$byte_code"
     ;;
 edit)
     [[ -d $editor ]] || make_editor
