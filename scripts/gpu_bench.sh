@@ -4,7 +4,8 @@
 # Results (logs, JSON) go to $RESULTS (default: outputs/gpu_bench/results).
 #
 #   bash scripts/gpu_bench.sh prepare DATA   # random sd15 editor; in parallel: splatfacto 15k reconstruction,
-#                                            # the GPU tests, the editor's packages for the sweeps' batch shape
+#                                            # the GPU tests, the editor's packages for the sweeps' batch shape,
+#                                            # the byte-code of every imported package (below)
 #   bash scripts/gpu_bench.sh edit DATA      # whole edits: packages from disk (the default, with the reference-style
 #                                            # projection), the same with --pipeline.overlap-edits, and eager
 #                                            # (EDITS: which of cached, cached_overlap, off, cached_old_step - the
