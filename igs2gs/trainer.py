@@ -67,12 +67,15 @@ def cpu_snapshot(state: Any) -> Tuple[Any, List["torch.cuda.Event"]]:
     return snapshot, [torch.cuda.current_stream(device).record_event() for device in devices]
 
 
-def use_fused_adam(optimizers: Dict[str, torch.optim.Optimizer], device_types: Sequence[str] = ("cuda",)) -> List[str]:
+def use_fused_adam(
+    optimizers: Dict[str, torch.optim.Optimizer], device_types: Sequence[str] = ("cuda",), fused: bool = True
+) -> List[str]:
     """Switch Adam optimizers to torch's fused kernel, keeping their state (the same update).
 
     A splatfacto step runs one Adam per Gaussian attribute; the default multi-tensor Adam launches
     about a dozen kernels for each, the fused one a single kernel. Applied after a checkpoint's
-    state is loaded (loading restores the saved ``fused`` flag). Returns the names switched.
+    state is loaded (loading restores the saved ``fused`` flag). ``fused=False`` switches back to
+    the multi-tensor Adam nerfstudio makes (the benchmark's reference-style steps). Returns the names switched.
     """
     switched = []
     for name, optimizer in optimizers.items():
@@ -80,10 +83,11 @@ def use_fused_adam(optimizers: Dict[str, torch.optim.Optimizer], device_types: S
         if type(optimizer) is not torch.optim.Adam or not params or any(p.device.type not in device_types for p in params):
             continue
         for group in optimizer.param_groups:
-            group["fused"], group["foreach"] = True, False
-        for state in optimizer.state.values():  # the fused kernel counts steps on the device
+            group["fused"], group["foreach"] = fused, not fused
+        step_device = params[0].device if fused else torch.device("cpu")  # the fused kernel counts steps on the device
+        for state in optimizer.state.values():
             if "step" in state:
-                state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(params[0].device)
+                state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).detach().to(step_device)
         switched.append(name)
     return switched
 

@@ -339,13 +339,9 @@ def reference_style_steps(trainer) -> Iterator[None]:
     pipeline, model, optimizers = trainer.pipeline, trainer.pipeline.model, trainer.optimizers.optimizers
     kept = {name: getattr(model.config, name) for name in REFERENCE_LOSS}
     metrics_every, paused, gsplat_torch = model.training_metrics_every, pipeline.editing_paused, gsplat.rendering.torch
-    fused = [name for name, optimizer in optimizers.items() if any(group.get("fused") for group in optimizer.param_groups)]
-    for name in fused:  # multi-tensor Adam counts its steps on the host
-        for group in optimizers[name].param_groups:
-            group["fused"], group["foreach"] = False, True
-        for state in optimizers[name].state.values():
-            if "step" in state:
-                state["step"] = state["step"].detach().to("cpu", torch.float32)
+    fused = {name: optimizer for name, optimizer in optimizers.items() if any(group.get("fused") for group in optimizer.param_groups)}
+    devices = tuple({param.device.type for optimizer in fused.values() for group in optimizer.param_groups for param in group["params"]})
+    use_fused_adam(fused, device_types=devices, fused=False)
     for name, value in REFERENCE_LOSS.items():
         setattr(model.config, name, value)
     model.training_metrics_every, pipeline.editing_paused = 1, True
@@ -356,8 +352,7 @@ def reference_style_steps(trainer) -> Iterator[None]:
         for name, value in kept.items():
             setattr(model.config, name, value)
         model.training_metrics_every, pipeline.editing_paused, gsplat.rendering.torch = metrics_every, paused, gsplat_torch
-        devices = {param.device.type for name in fused for group in optimizers[name].param_groups for param in group["params"]}
-        use_fused_adam({name: optimizers[name] for name in fused}, device_types=tuple(devices))
+        use_fused_adam(fused, device_types=devices)
 
 
 def reference_style_step_ms(trainer, steps: int, warm: int = 3) -> float:
@@ -559,18 +554,17 @@ def main() -> None:
     if setup_profile is not None:
         result["setup_profile"] = setup_profile
         result["before_first_step_profile"] = {"per": "run", **python_profile_figures(start_profiler, 1, rows=25)}
-    reference_steps: Dict[str, object] = {}
-    if args.reference_steps:  # before the reference-style views, which replace training images
-        try:
-            step_ms = reference_style_step_ms(trainer, args.reference_steps)
-        except Exception as error:  # the edit's figures above still get written; the failure is reported with them
-            traceback.print_exc()
-            reference_steps = {"steps_error": f"{type(error).__name__}: {error}"}
-        else:
-            # the edit's training, each of its steps longer by the difference of the median steps
-            extra_s = steps_done * (step_ms - result["step_times"]["median_ms"]) / 1000
-            reference_steps = {"step_median_ms": step_ms, "steps_timed": args.reference_steps, "step_extra_s": extra_s}
     if args.reference_views:
+        reference: Dict[str, object] = {}
+        if args.reference_steps:  # before the reference-style views, which replace training images
+            try:
+                step_ms = reference_style_step_ms(trainer, args.reference_steps)
+            except Exception as error:  # the edit's figures still get written; the failure is reported with them
+                traceback.print_exc()
+                reference["steps_error"] = f"{type(error).__name__}: {error}"
+            else:  # the edit's training, each of its steps longer by the difference of the median steps
+                extra_s = steps_done * (step_ms - result["step_times"]["median_ms"]) / 1000
+                reference.update(step_median_ms=step_ms, steps_timed=args.reference_steps, step_extra_s=extra_s)
         per_view = reference_s_per_view(trainer.pipeline, args.ip2p_model, args.reference_views)
         sweeps_run = len(sweeps)
         reference_total = setup_s + sweeps_run * result["views"] * per_view + splat_s
@@ -580,10 +574,10 @@ def main() -> None:
             "projected_total_s": reference_total,
             "speedup": reference_total / total_s,
             "sweep_speedup": sweeps_run * result["views"] * per_view / sweep_s,
-            **reference_steps,
+            **reference,
         }
-        if "step_extra_s" in reference_steps:
-            with_steps = reference_total + reference_steps["step_extra_s"]
+        if "step_extra_s" in reference:
+            with_steps = reference_total + reference["step_extra_s"]
             result["reference_style"].update(projected_total_s_reference_steps=with_steps, speedup_reference_steps=with_steps / total_s)
     print(json.dumps(result, indent=2))
     if args.json:
