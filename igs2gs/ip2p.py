@@ -435,27 +435,33 @@ class InstructPix2Pix:
         unpadded; a VAE part without its package runs eagerly."""
         from igs2gs.aot_package import UNetCall, VAEDecoderCall, VAEEncoderCall, packaged
 
-        rows, chunk = 3 * count, min(count, self.vae_batch_size)  # three guidance branches; the VAE's batches
-        latent_size = (height // self.vae_scale, width // self.vae_scale)
-        zeros = functools.partial(torch.zeros, device=self.device, dtype=self.dtype)
-        total = int(self.scheduler.config.num_train_timesteps)
-        unet_inputs = (
-            zeros(rows, int(self.unet.config.in_channels), *latent_size),
-            self._timesteps(total, 1).to(self.device).repeat(rows),
-            _branch_text(embeddings, count),
-        )
-        unet = packaged(UNetCall(self.unet), unet_inputs, compile_missing=self.compile_missing)
+        inputs = self.package_inputs(count, height, width, embeddings)
+        unet = packaged(UNetCall(self.unet), inputs["unet"], compile_missing=self.compile_missing)
         if unet is None:
             self.compiled, self.fixed_batch = False, None
             return
         self._packages["unet"] = unet
-        for call, inputs in (
-            (VAEEncoderCall(self.vae), (zeros(chunk, 3, height, width),)),
-            (VAEDecoderCall(self.vae), (zeros(chunk, int(self.vae.config.latent_channels), *latent_size),)),
-        ):
-            package = packaged(call, inputs, compile_missing=self.compile_missing)
+        for call in (VAEEncoderCall(self.vae), VAEDecoderCall(self.vae)):
+            package = packaged(call, inputs[call.part], compile_missing=self.compile_missing)
             if package is not None:
                 self._packages[call.part] = package
+
+    def package_inputs(self, count: int, height: int, width: int, embeddings: Tensor) -> Dict[str, Tuple[Tensor, ...]]:
+        """Zero inputs of each packaged part's shape for batches of ``count`` views of this (UNet) size, by part name
+        (what a package is exported and looked up with)."""
+        rows, chunk = 3 * count, min(count, self.vae_batch_size)  # three guidance branches; the VAE's batches
+        latent_size = (height // self.vae_scale, width // self.vae_scale)
+        zeros = functools.partial(torch.zeros, device=self.device, dtype=self.dtype)
+        total = int(self.scheduler.config.num_train_timesteps)
+        return {
+            "unet": (
+                zeros(rows, int(self.unet.config.in_channels), *latent_size),
+                self._timesteps(total, 1).to(self.device).repeat(rows),
+                _branch_text(embeddings, count),
+            ),
+            "vae-encoder": (zeros(chunk, 3, height, width),),
+            "vae-decoder": (zeros(chunk, int(self.vae.config.latent_channels), *latent_size),),
+        }
 
     def _edit_in_batches(self, renders: Tensor, condition: Tensor, starts: List[int], vae_noise: Tensor, noise: Tensor, **shared) -> Tensor:
         """``_edit_batch`` over batches of these rows as large as memory allows (halved on out-of-memory), padded

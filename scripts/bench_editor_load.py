@@ -3,7 +3,13 @@ first load, its weights' copy to the device, the first cuDNN/cuBLAS/SDPA calls, 
 paid. On an H100 host (2026-12-07) the first load took 6.9 s against 0.44 s for the second: Python importing
 diffusers' pipeline and what transformers pulls in (see ``python -X importtime``), not GPU work.
 
-    python scripts/bench_editor_load.py MODEL [--device cuda] [--json out.json]
+With ``--packages BATCH HEIGHT WIDTH`` the second editor also loads its packages for that batch shape (compiled by
+an earlier run into ``$IGS2GS_PACKAGE_DIR``; none is compiled here) and times each packaged network's first call
+against its second, once cuDNN, cuBLAS and SDPA are started: what of the packaged warm-up (6.7 s on an H100 host,
+2026-12-07) is the packages' own first use. Run it with ``CUDA_MODULE_LOADING=EAGER`` to see how much of that is
+loading their kernels, which then moves into the packages' load.
+
+    python scripts/bench_editor_load.py MODEL [--device cuda] [--packages 15 511 511] [--json out.json]
 """
 
 from __future__ import annotations
@@ -24,9 +30,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="IP2P folder or hub id (e.g. a make_random_ip2p.py --shape sd15 folder)")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--packages", type=int, nargs=3, metavar=("BATCH", "HEIGHT", "WIDTH"),
+                        help="load the editor's packages for this batch shape and time their first and second calls (CUDA)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.packages and device.type != "cuda":
+        parser.error("--packages needs a CUDA --device: packages are compiled for CUDA")
     figures: Dict[str, float] = {"import torch": TORCH_IMPORT_S}
     is_cuda = device.type == "cuda"
 
@@ -57,9 +67,32 @@ def main() -> None:
         timed("first matmul (cuBLAS)", lambda: a @ a.T)
         q = torch.randn(4, 8, 4096, 40, device=device, dtype=dtype)
         timed("first attention (SDPA)", lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q))
-    timed("second from_pretrained", lambda: InstructPix2Pix.from_pretrained(args.model, device=device, dtype=dtype))
+    packages = "cached" if args.packages else "off"
+    editor = timed("second from_pretrained", lambda: InstructPix2Pix.from_pretrained(args.model, device, dtype, packages=packages))
+    if args.packages:
+        time_package_first_calls(editor, *args.packages, timed)
     if args.json:
         args.json.write_text(json.dumps({"device": str(device), "seconds": figures}, indent=2))
+
+
+def time_package_first_calls(editor, batch: int, height: int, width: int, timed: Callable[[str, Callable[[], object]], object]) -> None:
+    """Load ``editor``'s packages for this batch shape, then call each twice on zeros of its input shape."""
+    from igs2gs.ip2p import cudnn_heuristics
+
+    size = editor._unet_size(height, width)
+    embeddings = editor.encode_prompt("turn it into marble")
+    timed(f"packages loaded for batch {batch} {size[1]}x{size[0]}", lambda: editor.prepare_compiled(batch, height, width, "turn it into marble"))
+    if "unet" not in editor._packages:
+        raise SystemExit(f"no packages for batch {batch} at {size[1]}x{size[0]} in $IGS2GS_PACKAGE_DIR: compile them first "
+                         "(gpu_bench.sh prepare, or an edit with --pipeline.ip2p-compile True)")
+    with torch.no_grad(), cudnn_heuristics():  # as the editor calls them
+        for part, inputs in editor.package_inputs(batch, *size, embeddings).items():
+            package = editor._packages.get(part)
+            if package is None:
+                print(f"{part}: no package, left out")
+                continue
+            for call in ("first", "second"):
+                timed(f"{part} package, {call} call", lambda: package(*inputs))
 
 
 if __name__ == "__main__":

@@ -88,6 +88,15 @@ def test_compiled_editor_edits_through_the_packages_as_the_eager_one(compiled, e
     assert (edited - edit(eager)).abs().max() < 1e-4
 
 
+def test_package_inputs_are_what_an_edit_calls_each_part_with(eager, part_inputs):
+    made = eager.package_inputs(BATCH, SIZE, SIZE, eager.encode_prompt(PROMPT))
+    assert list(made) == list(PARTS)
+    for name, (_, inputs) in part_inputs.items():
+        assert [(tensor.shape, tensor.dtype, tensor.device) for tensor in made[name]] == [
+            (tensor.shape, tensor.dtype, tensor.device) for tensor in inputs
+        ], name
+
+
 def test_the_parts_equal_the_diffusers_calls_they_stand_for(part_inputs, eager):
     with torch.no_grad():
         call, (sample, timestep, text) = part_inputs["unet"]

@@ -70,6 +70,10 @@ def test_bench_editor_load_times_each_part_of_loading_the_editor(tiny_ip2p_dir, 
         "unet to cpu", "vae to cpu", "text_encoder to cpu", "second from_pretrained",
     ]
     assert all(value > 0 for value in seconds.values())
+    refused = subprocess.run(
+        [sys.executable, str(script), str(tiny_ip2p_dir), "--device", "cpu", "--packages", "2", "32", "32"], capture_output=True, text=True, timeout=300
+    )
+    assert refused.returncode == 2 and "--packages needs a CUDA --device" in refused.stderr
 
 
 def test_gpu_bench_refuses_an_unknown_phase_or_run_or_a_missing_scene_before_doing_anything(tmp_path):
