@@ -4,7 +4,10 @@
 #          (source .device/env.sh > /dev/null && LAST_START=235 bash scripts/adam_graph_ab.sh short; ~250 s)
 #   full:  gpu_bench.sh prepare (GPU_TESTS=0; the optimizer-graph GPU tests beside it), then the default edit with the
 #          packages on disk, eager Adam (main's default, with the reference-style views) and graphed (~560 s)
-export PYTHONPYCACHEPREFIX=/tmp/igs2gs-pycache PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.."
+# The packages' folder gpu_bench.sh uses (2026-12-07's sixth session ran the full recipe without it: its edit found no
+# packages and ran eagerly)
+export PYTHONPYCACHEPREFIX=/tmp/igs2gs-pycache PYTHONUNBUFFERED=1 IGS2GS_PACKAGE_DIR=$PWD/outputs/gpu_bench/packages
 R=$OUT; W=outputs/gpu_bench; D=.device/data/stone_horse
 nvidia-smi --query-gpu=name,persistence_mode --format=csv,noheader
 lscpu | grep -E 'Model name|^CPU\(s\)'
