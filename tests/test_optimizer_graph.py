@@ -106,24 +106,17 @@ def test_replaced_parameters_turn_the_graph_off_without_losing_a_step():
     assert not torch.equal(new.detach(), before)  # this step's update was made eagerly
 
 
-def run_callbacks(trainer, step: int, location) -> None:
-    """The trainer's callbacks at ``location``, as ``Trainer.train`` runs them around ``train_iteration``."""
-    for callback in trainer.callbacks:
-        callback.run_callback_at_location(step, location=location)
-
-
 @pytest.mark.gpu
 def test_a_cuda_edit_steps_the_gaussians_adam_from_a_graph(scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path):
-    from nerfstudio.engine.callbacks import TrainingCallbackLocation
     from nerfstudio.utils import writer
+
+    from bench_edit import train_step
 
     trainer = make_trainer(scene_dir, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, "adam-cuda", device="cuda")
     assert isinstance(trainer.optimizers, GraphedOptimizers) and sorted(trainer.optimizers.graphed) == sorted(GAUSSIANS)
     means = trainer.pipeline.model.means.detach().clone()
     for step in range(trainer._start_step, trainer._start_step + 4):  # a sweep, two eager steps, the capture, a replay
-        run_callbacks(trainer, step, TrainingCallbackLocation.BEFORE_TRAIN_ITERATION)  # hands the model its optimizers
-        trainer.train_iteration(step)
-        run_callbacks(trainer, step, TrainingCallbackLocation.AFTER_TRAIN_ITERATION)
+        train_step(trainer, step)  # its callbacks hand the model its optimizers
     writer.EVENT_STORAGE.clear()
     assert trainer.optimizers.captured and trainer.optimizers.failed is None
     assert not torch.equal(trainer.pipeline.model.means.detach(), means)
