@@ -3,7 +3,10 @@
 #   short: reconstructed in 5k steps, 2500-step edits with the eager editor alternating graph/eager, then --overlap
 #          (source .device/env.sh > /dev/null && LAST_START=235 bash scripts/adam_graph_ab.sh short; ~250 s)
 #   full:  gpu_bench.sh prepare (GPU_TESTS=0; the optimizer-graph GPU tests beside it), then the default edit with the
-#          packages on disk, eager Adam (main's default, with the reference-style views) and graphed (~560 s)
+#          packages on disk, eager Adam (main's default, with the reference-style views) and graphed (~640 s: use
+#          RECON_STEPS=10000 to fit a call)
+#   warm:  on a machine still holding gpu_bench.sh prepare's reconstruction, editor and packages: the optimizer-graph
+#          GPU tests, then 2500-step edits with the packaged editor alternating graph/eager (LAST_START=480; ~60 s each)
 cd "$(dirname "$0")/.."
 # The packages' folder gpu_bench.sh uses (2026-12-07's sixth session ran the full recipe without it: its edit found no
 # packages and ran eagerly)
@@ -38,5 +41,13 @@ short)
         edit edit_${run}_$SECONDS --compile off --steps 2500 $flag
     done
     ;;
-*) echo "usage: adam_graph_ab.sh short|full" >&2; exit 2 ;;
+warm)
+    python3 -m pytest -m gpu tests/test_optimizer_graph.py -q -p no:cacheprovider -ra > $R/gpu_tests.log 2>&1
+    echo "tests $? at $SECONDS s"; tail -n 2 $R/gpu_tests.log
+    for run in graph eager graph eager graph eager; do
+        [ $SECONDS -lt ${LAST_START:-480} ] || break
+        edit edit_${run}_$SECONDS --compile cached --steps 2500 $([ $run = eager ] && echo --adam-eager)
+    done
+    ;;
+*) echo "usage: adam_graph_ab.sh short|full|warm" >&2; exit 2 ;;
 esac
