@@ -288,6 +288,17 @@ class PythonStepProfiler(StepWindow):
         return {"per": "step", **python_profile_figures(self.profiler, self.steps, self.rows)}
 
 
+def adam_steps(optimizers) -> str:
+    """How the Gaussians' Adam steps ran by the end: replayed from a CUDA graph, or eagerly (and why)."""
+    from igs2gs.optimizer_graph import GraphedOptimizers
+
+    if not isinstance(optimizers, GraphedOptimizers):
+        return "eager"
+    if optimizers.failed is not None:
+        return f"eager after the CUDA graph was turned off ({optimizers.failed})"
+    return "CUDA graph" if optimizers.captured else "eager (no capture yet)"
+
+
 def reference_s_per_view(pipeline, model: str, views: int) -> float:
     """Seconds per view of a reference-style sweep: render, edit alone with offload, swap."""
     from igs2gs.ip2p import InstructPix2Pix
@@ -339,6 +350,8 @@ def reference_style_steps(trainer) -> Iterator[None]:
     pipeline, model, optimizers = trainer.pipeline, trainer.pipeline.model, trainer.optimizers.optimizers
     kept = {name: getattr(model.config, name) for name in REFERENCE_LOSS}
     metrics_every, paused, gsplat_torch = model.training_metrics_every, pipeline.editing_paused, gsplat.rendering.torch
+    if getattr(trainer.optimizers, "graph", None) is not None:  # the edit is over: its Adam graph goes off for good
+        trainer.optimizers.failed, trainer.optimizers.graph = "reference-style steps after the edit", None
     fused = {name: optimizer for name, optimizer in optimizers.items() if any(group.get("fused") for group in optimizer.param_groups)}
     devices = tuple({param.device.type for optimizer in fused.values() for group in optimizer.param_groups for param in group["params"]})
     use_fused_adam(fused, device_types=devices, fused=False)
@@ -403,6 +416,7 @@ def main() -> None:
         "the reference-style total with them too",
     )
     parser.add_argument("--gsplat-checked-inverse", action="store_true", help="--pipeline.model.gsplat-unchecked-inverse False: gsplat's camera-centre inverse with its error check (one host wait more per step)")
+    parser.add_argument("--adam-eager", action="store_true", help="--adam-cuda-graph False: the Gaussians' fused Adam steps launched one by one, not replayed from a CUDA graph")
     parser.add_argument("--no-warm-up", action="store_true", help="no editor warm-up beside set-up (the first sweep pays it)")
     parser.add_argument("--setup-only", action="store_true", help="stop after set-up: JSON setup_s (and setup_profile) only")
     parser.add_argument("--profile-steps", type=int, default=0, help="profile this many training steps with cProfile, then as many with torch.profiler (0: none)")
@@ -447,6 +461,7 @@ def main() -> None:
         ),
         prompt=args.prompt, gs_steps=args.gs_steps, ip2p_model=args.ip2p_model, ip2p_compile=COMPILE_MODES[args.compile],
         overlap_edits=args.overlap, ip2p_devices=args.ip2p_devices,
+        trainer=dict(adam_cuda_graph=not args.adam_eager),
     )
     timed_editor = trainer.pipeline.editor
     if args.train_on == "oracle":
@@ -538,6 +553,7 @@ def main() -> None:
         "ip2p_devices": args.ip2p_devices,
         "editor_warm_up": not args.no_warm_up,
         "gsplat_inverse": "checked" if args.gsplat_checked_inverse else "unchecked",
+        "adam_steps": adam_steps(trainer.optimizers),
         "sweep_s_means": "time training waited for sweeps (render + swap with --overlap)",
         "step_times": step_time_profile(
             step_ends, trainer._start_step, [int(s["step"]) for s in sweeps],

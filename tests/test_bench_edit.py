@@ -15,7 +15,7 @@ import pytest
 
 import torch
 
-from bench_edit import GcClock, PythonStepProfiler, StepProfiler, WarmUpClock, step_time_profile
+from bench_edit import GcClock, PythonStepProfiler, StepProfiler, WarmUpClock, adam_steps, step_time_profile
 from bench_ip2p import steady_sweep
 
 
@@ -223,3 +223,17 @@ def test_reference_style_steps_train_the_reference_way_then_give_the_edit_its_se
     assert {name: getattr(model.config, name) for name in REFERENCE_LOSS} == edit_settings
     assert (model.training_metrics_every, gsplat.rendering.torch, trainer.pipeline.editing_paused) == (edit_metrics_every, edit_gsplat_torch, False)
     assert all(optimizers[name].param_groups[0]["fused"] for name in fused)
+
+
+def test_bench_edit_says_how_the_adam_steps_ran():
+    from igs2gs.optimizer_graph import GraphedOptimizers
+    from test_optimizer_graph import splatfacto_like
+
+    optimizers = splatfacto_like("cpu")
+    assert adam_steps(optimizers) == "eager"
+    graphed = GraphedOptimizers.adopt(optimizers, ["means"])
+    assert adam_steps(graphed) == "eager (no capture yet)"
+    graphed.graph = object()  # as after a capture
+    assert adam_steps(graphed) == "CUDA graph"
+    graphed.graph, graphed.failed = None, "its parameters were replaced"
+    assert adam_steps(graphed) == "eager after the CUDA graph was turned off (its parameters were replaced)"

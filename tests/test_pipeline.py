@@ -191,9 +191,11 @@ def test_viewer_serves_an_igs2gs_run_without_the_editor(edited_run, private_ip2p
 
 # --------------------------------------------------------------------------- in-process runs
 def make_trainer(
-    scene: Path, load_dir: Path, ip2p: Path, output: Path, timestamp: str, model_prompt=None, trainer=None, device="cpu", **pipeline
+    scene: Path, load_dir: Path, ip2p: Path, output: Path, timestamp: str, model_prompt=None, trainer=None, device="cpu", model=None,
+    **pipeline,
 ):
-    """An igs2gs trainer (CPU unless told) with the tiny editor; ``pipeline`` (``trainer``) overrides pipeline (trainer) fields."""
+    """An igs2gs trainer (CPU unless told) with the tiny editor; ``pipeline`` (``trainer``, ``model``) overrides pipeline
+    (trainer, model) fields."""
     settings = dict(
         prompt="make it look like a watercolour painting",
         ip2p_model=str(ip2p),
@@ -201,7 +203,7 @@ def make_trainer(
         ip2p_max_batch_size=1,
     )
     settings.update(pipeline)
-    model = dict(lpips_pretrained_backbone=False, stop_split_at=0, prompt=model_prompt)  # ns-train's --prompt sets model.prompt
+    model = dict(lpips_pretrained_backbone=False, stop_split_at=0, prompt=model_prompt, **(model or {}))  # ns-train's --prompt sets model.prompt
     return edit_trainer(scene, load_dir, output, device=device, timestamp=timestamp, model=model, trainer=trainer, **settings)
 
 
