@@ -10,7 +10,10 @@
 #                                            # projection), the same with --pipeline.overlap-edits, and eager
 #                                            # (EDITS: which of cached, cached_overlap, off, cached_old_step - the
 #                                            # training step before 2026-12-07's second session: gsplat's checked
-#                                            # inverse, LPIPS targets every step; setup_profile - the set-up alone
+#                                            # inverse, LPIPS targets every step; cached_adam_eager - the splats'
+#                                            # Adam steps launched one by one, not replayed from their CUDA graph
+#                                            # (A/B with cached: EDITS="cached cached_adam_eager cached
+#                                            # cached_adam_eager"); setup_profile - the set-up alone
 #                                            # under cProfile, its slowest functions printed; setup - the set-up
 #                                            # alone; setup_no_bytecode - the same compiling every module from
 #                                            # source, as the lent machines' set-ups did before 2026-12-07's seventh
@@ -46,7 +49,7 @@ if [[ ! "$phase" =~ ^($phases)$ || ! -d "$data" ]]; then
     echo "$usage (DATA: a nerfstudio scene folder)" >&2; exit 2
 fi
 edit_runs="cached cached_overlap off"  # edit's runs by default; EDITS picks among these and more_runs
-more_runs="cached_old_step setup_profile setup setup_no_bytecode"
+more_runs="cached_old_step cached_adam_eager setup_profile setup setup_no_bytecode"
 reference_views=${REFERENCE_VIEWS:-2} reference_steps=${REFERENCE_STEPS:-300}
 [[ $reference_views == 0 ]] && reference_steps=0  # the steps extend the views' projection
 old_step="--gsplat-checked-inverse --no-lpips-target-cache"  # the training step before 2026-12-07's second session
@@ -118,7 +121,7 @@ bench_edit() {  # NAME ARGS...: one whole edit of the reconstructed scene, its J
     python3 - "$results/edit_$name.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
-print({k: r.get(k) for k in ("total_s", "setup_s", "sweep_s", "ip2p_s_per_edit", "splat_training_s", "peak_gpu_gb", "editor_packages")},
+print({k: r.get(k) for k in ("total_s", "setup_s", "sweep_s", "ip2p_s_per_edit", "splat_training_s", "peak_gpu_gb", "editor_packages", "adam_steps")},
       "median step ms:", r.get("step_times", {}).get("median_ms"), "before it:", r.get("splat_training_split_s", {}).get("before_first_step"),
       "warm-up:", r.get("editor_warm_up_from_setup_start_s"),
       "reference:", {k: r.get("reference_style", {}).get(k) for k in ("s_per_view", "speedup", "sweep_speedup", "step_median_ms", "speedup_reference_steps", "steps_error")})
@@ -157,6 +160,7 @@ edit)
         cached_overlap) bench_edit "$name" --compile cached --overlap ;;
         off) bench_edit "$name" --compile off ;;
         cached_old_step) bench_edit "$name" --compile cached $old_step ;;
+        cached_adam_eager) bench_edit "$name" --compile cached --adam-eager ;;
         setup_profile) bench_edit "$name" --compile cached --setup-only --profile-setup ;;
         setup) bench_edit "$name" --compile cached --setup-only ;;
         setup_no_bytecode)  # an empty cache that stays empty: every import compiles its module
