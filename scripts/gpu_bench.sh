@@ -56,6 +56,14 @@ old_step="--gsplat-checked-inverse --no-lpips-target-cache"  # the training step
 for run in ${EDITS:-}; do
     [[ " $edit_runs $more_runs " == *" $run "* ]] || { echo "$usage (EDITS: some of $edit_runs $more_runs, not $run)" >&2; exit 2; }
 done
+# The igs2gs that python3 imports must be this checkout's: on a machine kept warm between calls, a second
+# `pip install --target` of another checkout leaves the first one's package in place (2026-12-07: six edits of a
+# branch failed on a module the installed copy lacked). -P: as the scripts see it, not from the current folder
+installed=$(python3 -P -c 'import igs2gs, os; print(os.path.dirname(igs2gs.__file__))' 2> /dev/null)
+if [[ -z $installed ]] || ! diff -rq -x __pycache__ igs2gs "$installed" > /dev/null 2>&1; then
+    echo "python3 imports ${installed:-no igs2gs}, not this checkout's igs2gs/: install it (pip install --no-deps --upgrade .)" >&2
+    exit 2
+fi
 work=outputs/gpu_bench
 results=${RESULTS:-$work/results}
 mkdir -p "$work" "$results"

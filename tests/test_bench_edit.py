@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -83,6 +84,19 @@ def test_gpu_bench_refuses_an_unknown_phase_or_run_or_a_missing_scene_before_doi
         result = subprocess.run(["bash", str(script), *args], capture_output=True, text=True, timeout=60, env=environment)
         assert result.returncode == 2 and "usage: gpu_bench.sh prepare|edit|extra|batch|reconstruct|steps DATA" in result.stderr, args
     assert "not eager" in result.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_gpu_bench_refuses_to_run_another_igs2gs_than_the_checkouts(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_bench.sh"
+    stale = tmp_path / "site" / "igs2gs"
+    shutil.copytree(script.parents[1] / "igs2gs", stale, ignore=shutil.ignore_patterns("__pycache__"))
+    (stale / "optimizer_graph.py").unlink()  # an install from before a module was added
+    (tmp_path / "scene").mkdir()
+    for python_path, imported in ((tmp_path / "site", str(stale)), (tmp_path / "nothing", "no igs2gs")):
+        environment = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(python_path), "RESULTS": str(tmp_path / "r")}  # no igs2gs installed
+        result = subprocess.run(["bash", str(script), "edit", str(tmp_path / "scene")], capture_output=True, text=True, timeout=60, env=environment, cwd=tmp_path)
+        assert result.returncode == 2 and f"python3 imports {imported}, not this checkout's igs2gs/" in result.stderr, result.stderr
     assert not (tmp_path / "r").exists()
 
 
