@@ -140,8 +140,12 @@ class GraphedOptimizers(Optimizers):
                 self._written_rates[index] = group["lr"]
         self.graph.replay()
 
+    def stop_replaying(self, why: str) -> None:
+        """Step the graphed groups eagerly from the next step on, for good (``why`` is kept in ``failed``)."""
+        self.failed, self.graph = why, None
+
     def _turn_off(self, why: str, grad_scaler, graphed: List[str]) -> None:
         """Step the graphed groups eagerly from now on, starting with this step's ``graphed`` ones."""
-        self.failed, self.graph = why, None
+        self.stop_replaying(why)
         warnings.warn(f"Adam steps no longer replayed from a CUDA graph: {why}")
         super().optimizer_scaler_step_some(grad_scaler, graphed)

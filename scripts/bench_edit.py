@@ -345,13 +345,14 @@ def reference_style_steps(trainer) -> Iterator[None]:
     import gsplat.rendering
 
     from igs2gs.model import use_unchecked_inverse_in_gsplat
+    from igs2gs.optimizer_graph import GraphedOptimizers
     from igs2gs.trainer import use_fused_adam
 
     pipeline, model, optimizers = trainer.pipeline, trainer.pipeline.model, trainer.optimizers.optimizers
     kept = {name: getattr(model.config, name) for name in REFERENCE_LOSS}
     metrics_every, paused, gsplat_torch = model.training_metrics_every, pipeline.editing_paused, gsplat.rendering.torch
-    if getattr(trainer.optimizers, "graph", None) is not None:  # the edit is over: its Adam graph goes off for good
-        trainer.optimizers.failed, trainer.optimizers.graph = "reference-style steps after the edit", None
+    if isinstance(trainer.optimizers, GraphedOptimizers):  # the edit is over: its Adam graph goes off for good
+        trainer.optimizers.stop_replaying("reference-style steps after the edit")
     fused = {name: optimizer for name, optimizer in optimizers.items() if any(group.get("fused") for group in optimizer.param_groups)}
     devices = tuple({param.device.type for optimizer in fused.values() for group in optimizer.param_groups for param in group["params"]})
     use_fused_adam(fused, device_types=devices, fused=False)

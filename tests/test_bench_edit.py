@@ -203,6 +203,7 @@ def test_reference_style_steps_train_the_reference_way_then_give_the_edit_its_se
     from nerfstudio.utils import writer
 
     from bench_edit import REFERENCE_LOSS, reference_style_step_ms, train_step
+    from igs2gs.optimizer_graph import GraphedOptimizers
     from igs2gs.trainer import use_fused_adam
     from test_pipeline import make_trainer
 
@@ -217,7 +218,9 @@ def test_reference_style_steps_train_the_reference_way_then_give_the_edit_its_se
     edit_metrics_every, edit_gsplat_torch = model.training_metrics_every, gsplat.rendering.torch
     assert edit_settings != REFERENCE_LOSS and edit_metrics_every > 1
     sweeps, means = len(trainer.pipeline.sweep_timings), model.means.detach().clone()
-    adam_steps = float(optimizers["means"].state[model.means]["step"])
+    steps_before = float(optimizers["means"].state[model.means]["step"])
+    trainer.optimizers = GraphedOptimizers.adopt(trainer.optimizers, list(fused))
+    trainer.optimizers.graph = object()  # as after the edit's capture: the reference's steps must not replay it
 
     seen = []
     lpips_loss = model.lpips_loss
@@ -233,7 +236,8 @@ def test_reference_style_steps_train_the_reference_way_then_give_the_edit_its_se
     assert step_ms > 0 and len(seen) == 3  # one warm step (its end starts the first gap), two timed
     assert all(item == (None, REFERENCE_LOSS, 1, True, True, False) for item in seen)
     assert not torch.equal(model.means.detach(), means) and len(trainer.pipeline.sweep_timings) == sweeps  # trained, no sweep
-    assert float(optimizers["means"].state[model.means]["step"]) == adam_steps + 3
+    assert float(optimizers["means"].state[model.means]["step"]) == steps_before + 3
+    assert not trainer.optimizers.captured and trainer.optimizers.failed == "reference-style steps after the edit"
     assert {name: getattr(model.config, name) for name in REFERENCE_LOSS} == edit_settings
     assert (model.training_metrics_every, gsplat.rendering.torch, trainer.pipeline.editing_paused) == (edit_metrics_every, edit_gsplat_torch, False)
     assert all(optimizers[name].param_groups[0]["fused"] for name in fused)
@@ -249,5 +253,5 @@ def test_bench_edit_says_how_the_adam_steps_ran():
     assert adam_steps(graphed) == "eager (no capture yet)"
     graphed.graph = object()  # as after a capture
     assert adam_steps(graphed) == "CUDA graph"
-    graphed.graph, graphed.failed = None, "its parameters were replaced"
+    graphed.stop_replaying("its parameters were replaced")
     assert adam_steps(graphed) == "eager after the CUDA graph was turned off (its parameters were replaced)"

@@ -67,6 +67,17 @@ def test_only_unclipped_fused_adam_groups_stepped_every_step_are_graphable():
     assert graphable_groups(optimizers, ["means", "features_rest", "missing"], {}, device_types=("cpu",)) == ["features_rest"]
 
 
+def test_stopped_graphed_optimizers_step_as_eager_ones():
+    eager = splatfacto_like("cpu")
+    graphed = GraphedOptimizers.adopt(splatfacto_like("cpu"), ["means", "features_rest"], warmup=1)
+    graphed.stop_replaying("told to")
+    train(eager, 4)
+    train(graphed, 4)  # no capture tried (on the CPU it would fail)
+    assert not graphed.captured and graphed.failed == "told to"
+    expected, got = states(eager), states(graphed)
+    assert expected.keys() == got.keys() and all(torch.equal(got[key], expected[key]) for key in expected)
+
+
 def test_an_edit_on_the_cpu_steps_its_optimizers_eagerly(scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path):
     trainer = make_trainer(scene_dir, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, "adam-cpu")
     assert not isinstance(trainer.optimizers, GraphedOptimizers)
