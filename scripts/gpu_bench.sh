@@ -129,7 +129,7 @@ bench_edit() {  # NAME ARGS...: one whole edit of the reconstructed scene, its J
     python3 - "$results/edit_$name.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
-print({k: r.get(k) for k in ("total_s", "setup_s", "sweep_s", "ip2p_s_per_edit", "splat_training_s", "peak_gpu_gb", "editor_packages", "adam_steps")},
+print({k: r.get(k) for k in ("total_s", "total_with_imports_s", "setup_s", "sweep_s", "ip2p_s_per_edit", "splat_training_s", "peak_gpu_gb", "editor_packages", "adam_steps")},
       "median step ms:", r.get("step_times", {}).get("median_ms"), "before it:", r.get("splat_training_split_s", {}).get("before_first_step"),
       "warm-up:", r.get("editor_warm_up_from_setup_start_s"),
       "reference:", {k: r.get("reference_style", {}).get(k) for k in ("s_per_view", "speedup", "sweep_speedup", "step_median_ms", "speedup_reference_steps", "steps_error")})
