@@ -107,7 +107,9 @@ start_reconstruction_and_tests() {  # in the background: the reconstruction is t
     reconstruction=$!
     tests=
     [[ ${GPU_TESTS:-1} == 0 ]] && return  # GPU_TESTS=0: leave them out (a call that must also fit an edit)
-    python3 -m pytest -m gpu tests -q -p no:cacheprovider -ra > "$results/gpu_tests.log" 2>&1 &
+    # -X faulthandler: an abort after the tests (2026-12-07: "terminate called without an active exception", rc 134)
+    # prints every thread's Python stack, naming the thread still running
+    python3 -X faulthandler -m pytest -m gpu tests -q -p no:cacheprovider -ra > "$results/gpu_tests.log" 2>&1 &
     tests=$!
 }
 
