@@ -5,9 +5,10 @@ diffusers' pipeline and what transformers pulls in (see ``python -X importtime``
 
 With ``--packages BATCH HEIGHT WIDTH`` the second editor also loads its packages for that batch shape (compiled by
 an earlier run into ``$IGS2GS_PACKAGE_DIR``; none is compiled here) and times each packaged network's first call
-against its second, once cuDNN, cuBLAS and SDPA are started: what of the packaged warm-up (6.7 s on an H100 host,
-2026-12-07) is the packages' own first use. Run it with ``CUDA_MODULE_LOADING=EAGER`` to see how much of that is
-loading their kernels, which then moves into the packages' load.
+against its second, once cuDNN, cuBLAS and SDPA are started: what of the packaged warm-up (6.7 s in an H100 host's
+first edit, 2026-12-07) is the packages' own first use - there, the next process: UNet 0.88 s against 0.10 s, the VAE
+halves 0.08-0.09 s against 0.02-0.04 s (0.70 s for the UNet with ``CUDA_MODULE_LOADING=EAGER``, which loads every
+kernel up front: the first cuDNN and cuBLAS calls then took 1.3 and 3.0 s).
 
     python scripts/bench_editor_load.py MODEL [--device cuda] [--packages 15 511 511] [--json out.json]
 """
@@ -79,9 +80,9 @@ def time_package_first_calls(editor, batch: int, height: int, width: int, timed:
     """Load ``editor``'s packages for this batch shape, then call each twice on zeros of its input shape."""
     from igs2gs.ip2p import cudnn_heuristics
 
-    size = editor._unet_size(height, width)
-    embeddings = editor.encode_prompt("turn it into marble")
-    timed(f"packages loaded for batch {batch} {size[1]}x{size[0]}", lambda: editor.prepare_compiled(batch, height, width, "turn it into marble"))
+    size, prompt = editor._unet_size(height, width), "turn it into marble"
+    embeddings = editor.encode_prompt(prompt)
+    timed(f"packages loaded for batch {batch} {size[1]}x{size[0]}", lambda: editor.prepare_compiled(batch, height, width, prompt))
     if "unet" not in editor._packages:
         raise SystemExit(f"no packages for batch {batch} at {size[1]}x{size[0]} in $IGS2GS_PACKAGE_DIR: compile them first "
                          "(gpu_bench.sh prepare, or an edit with --pipeline.ip2p-compile True)")
