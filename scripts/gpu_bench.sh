@@ -25,6 +25,11 @@
 #                                            # default edit with --gsplat-checked-inverse (A/B with edit's first run)
 #   bash scripts/gpu_bench.sh batch DATA     # the editor alone at another packaged batch, TRY_BATCH (default 19: 73
 #                                            # views in four batches instead of five of 15): s/edit and peak memory
+#   bash scripts/gpu_bench.sh firstuse DATA  # after prepare, before any edit: which CUDA libraries are not yet in the
+#                                            # page cache, and the editor's first cuDNN/cuBLAS/SDPA/package calls in
+#                                            # four processes: the first, the next, after evicting the libraries from
+#                                            # the cache, after reading them in (bench_editor_load.py --packages,
+#                                            # cuda_library_cache.py; the driver's JIT cache's size around the first)
 #   bash scripts/gpu_bench.sh steps DATA     # the training step's A/B: PAIRS pairs (default 1) of 2,500-step edits
 #                                            # with the eager editor, the current step against cached_old_step's
 #                                            # (~60 s each for stone_horse on an H100); first, if the scene has no
@@ -42,7 +47,7 @@
 #   (EDITS="cached setup_profile": then where the set-up went, ~40 s more)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-phases="prepare|edit|extra|batch|reconstruct|steps"
+phases="prepare|edit|extra|batch|reconstruct|steps|firstuse"
 usage="usage: gpu_bench.sh $phases DATA"
 phase=${1:-}; data=${2:-}
 if [[ ! "$phase" =~ ^($phases)$ || ! -d "$data" ]]; then
@@ -193,6 +198,20 @@ batch)  # compiles the packages for this batch first (UNet 148-196 s on an H100)
     python3 scripts/bench_ip2p.py --model "$editor" --views $((3 * try)) --batch-sizes "$try" --reference-views 1 \
         --compile-batch "$try" --variants compiled --json "$results/ip2p_batch$try.json" > "$results/ip2p_batch$try.log" 2>&1
     echo "bench_ip2p batch $try: exit $?"; tail -n 12 "$results/ip2p_batch$try.log"
+    ;;
+firstuse)  # an H100 host's first edit after prepare paid ~4.4 s more warm-up than the next processes (2026-12-07)
+    libraries() { python3 scripts/cuda_library_cache.py "$@" | grep -E "^read|in all"; }
+    jit_cache() { local size; size=$(du -sk ~/.nv/ComputeCache 2> /dev/null | cut -f1); echo "driver JIT cache: ${size:-no folder} kB"; }
+    probe() {  # NAME: the editor's first calls in a fresh process, one line
+        python3 scripts/bench_editor_load.py "$editor" --packages "${BATCH:-15}" "${HEIGHT:-511}" "${WIDTH:-511}" \
+            --json "$results/first_use_$1.json" > "$results/first_use_$1.log" 2>&1
+        echo "probe $1: exit $?: $(grep -E 'first|call' "$results/first_use_$1.log" | tr '\n' ';')"
+    }
+    libraries resident --json "$results/libraries_after_prepare.json"; jit_cache
+    probe first; libraries resident --json "$results/libraries_after_first.json"; jit_cache
+    probe second
+    libraries evict; probe evicted
+    libraries prefetch --json "$results/libraries_prefetched.json"; probe prefetched
     ;;
 steps)  # alternating, so that a drift of the machine's pace shows as a spread, not as a difference
     reconstructed=$(load_dir 2> /dev/null)

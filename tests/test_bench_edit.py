@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -82,7 +83,7 @@ def test_gpu_bench_refuses_an_unknown_phase_or_run_or_a_missing_scene_before_doi
     for args, edits in ((["measure", str(tmp_path)], ""), (["prepare", str(tmp_path / "no scene")], ""), ([], ""), (["edit", str(tmp_path)], "cached eager")):
         environment = {"PATH": "/usr/bin:/bin", "RESULTS": str(tmp_path / "r"), "EDITS": edits}
         result = subprocess.run(["bash", str(script), *args], capture_output=True, text=True, timeout=60, env=environment)
-        assert result.returncode == 2 and "usage: gpu_bench.sh prepare|edit|extra|batch|reconstruct|steps DATA" in result.stderr, args
+        assert result.returncode == 2 and "usage: gpu_bench.sh prepare|edit|extra|batch|reconstruct|steps|firstuse DATA" in result.stderr, args
     assert "not eager" in result.stderr
     assert not (tmp_path / "r").exists()
 
@@ -98,6 +99,31 @@ def test_gpu_bench_refuses_to_run_another_igs2gs_than_the_checkouts(tmp_path):
         result = subprocess.run(["bash", str(script), "edit", str(tmp_path / "scene")], capture_output=True, text=True, timeout=60, env=environment, cwd=tmp_path)
         assert result.returncode == 2 and f"python3 imports {imported}, not this checkout's igs2gs/" in result.stderr, result.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_cuda_library_cache_reads_files_into_the_page_cache_and_drops_them_again(tmp_path):
+    from cuda_library_cache import cuda_libraries
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "cuda_library_cache.py"
+    library = tmp_path / "libexample.so.1"
+    library.write_bytes(os.urandom(8 << 20))
+
+    def run(action: str, *files: Path) -> dict:
+        output = tmp_path / f"{action}.json"
+        result = subprocess.run([sys.executable, str(script), action, "--files", *map(str, files), "--json", str(output)],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return json.loads(output.read_text())
+
+    read = run("prefetch", library)
+    assert read["read_mb"] == pytest.approx(8 * 1.048576) and read["files"][str(library)]["resident_share"] == 1.0
+    assert run("evict", library)["files"][str(library)]["resident_share"] < 0.1
+    assert run("resident", library)["cached_mb"] < 0.9
+    missing = subprocess.run([sys.executable, str(script), "resident", "--files", str(tmp_path / "none.so")], capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "no such files" in missing.stderr
+    if torch.version.cuda:  # a CUDA build of torch: its cuDNN and cuBLAS are found
+        names = [path.name for path in cuda_libraries()]
+        assert any(name.startswith("libcudnn") for name in names) and any(name.startswith("libcublasLt") for name in names), names
 
 
 def test_gc_clock_times_the_collections_made_while_installed_and_only_those():
