@@ -278,6 +278,8 @@ class IGS2GSTrainerConfig(TrainerConfig):
     """Step the splats' Adam optimizers with torch's fused kernel on CUDA (one kernel per attribute instead of about a dozen; the same update). A run resumed from a fused checkpoint stays fused."""
     adam_cuda_graph: bool = True
     """With fused Adam on CUDA and no densification, replay the splats' Adam updates from one CUDA graph (the same updates, ~1 ms less host time per step)."""
+    read_ahead_cuda_libraries: bool = False
+    """On CUDA, ask the operating system at set-up's start to read torch's CUDA libraries (cuDNN, cuBLAS, ...) into its page cache, so that the editor's first calls do not wait for the disk (experimental: off until measured)."""
 
 
 class IGS2GSTrainer(Trainer):
@@ -289,6 +291,10 @@ class IGS2GSTrainer(Trainer):
     _pending_checkpoint: Optional[Future] = None
 
     def setup(self, test_mode: Literal["test", "val", "inference"] = "val") -> None:
+        if self.config.read_ahead_cuda_libraries and torch.device(self.device).type == "cuda":
+            from igs2gs.cuda_libraries import start_read_ahead
+
+            start_read_ahead()
         # Fail before datasets and the editor load: a missing or foreign checkpoint is the commonest mistake.
         pipeline = self.config.pipeline
         check_prompt(pipeline.model.prompt or pipeline.prompt)

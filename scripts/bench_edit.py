@@ -419,6 +419,7 @@ def main() -> None:
     )
     parser.add_argument("--gsplat-checked-inverse", action="store_true", help="--pipeline.model.gsplat-unchecked-inverse False: gsplat's camera-centre inverse with its error check (one host wait more per step)")
     parser.add_argument("--adam-eager", action="store_true", help="--adam-cuda-graph False: the Gaussians' fused Adam steps launched one by one, not replayed from a CUDA graph")
+    parser.add_argument("--read-ahead-cuda-libraries", action="store_true", help="--read-ahead-cuda-libraries True: torch's CUDA libraries read into the page cache from set-up's start")
     parser.add_argument("--no-warm-up", action="store_true", help="no editor warm-up beside set-up (the first sweep pays it)")
     parser.add_argument("--setup-only", action="store_true", help="stop after set-up: JSON setup_s (and setup_profile) only")
     parser.add_argument("--profile-steps", type=int, default=0, help="profile this many training steps with cProfile, then as many with torch.profiler (0: none)")
@@ -463,7 +464,7 @@ def main() -> None:
         ),
         prompt=args.prompt, gs_steps=args.gs_steps, ip2p_model=args.ip2p_model, ip2p_compile=COMPILE_MODES[args.compile],
         overlap_edits=args.overlap, ip2p_devices=args.ip2p_devices,
-        trainer=dict(adam_cuda_graph=not args.adam_eager),
+        trainer=dict(adam_cuda_graph=not args.adam_eager, read_ahead_cuda_libraries=args.read_ahead_cuda_libraries),
     )
     timed_editor = trainer.pipeline.editor
     if args.train_on == "oracle":
@@ -559,6 +560,7 @@ def main() -> None:
         "editor_warm_up": not args.no_warm_up,
         "gsplat_inverse": "checked" if args.gsplat_checked_inverse else "unchecked",
         "adam_steps": adam_steps(trainer.optimizers),
+        "cuda_libraries_read_ahead": args.read_ahead_cuda_libraries,
         "sweep_s_means": "time training waited for sweeps (render + swap with --overlap)",
         "step_times": step_time_profile(
             step_ends, trainer._start_step, [int(s["step"]) for s in sweeps],

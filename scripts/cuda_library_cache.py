@@ -2,9 +2,9 @@
 
 An H100 host's first edit after `gpu_bench.sh prepare` paid ~6.7 s for the editor's warm-up, the next processes
 2.2-2.4 s (2026-12-07). One guess is the libraries' first reads from disk (cuDNN's fp16 engines, cuBLASLt, the flash
-attention kernels in libtorch_cuda): this tells it apart. `resident` lists each library's size and cached share;
-`evict` drops their pages from the cache (posix_fadvise DONTNEED: no root needed), so that one machine can time a
-cold first use again; `prefetch` reads them into it and prints the read's pace.
+attention kernels in libtorch_cuda): this tells it apart (``igs2gs.cuda_libraries``). `resident` lists each library's
+size and cached share; `evict` drops their pages from the cache (no root needed), so that one machine can time a cold
+first use again; `prefetch` reads them into it and prints the read's pace.
 
     python scripts/cuda_library_cache.py resident|evict|prefetch [--files PATH ...] [--json out.json]
 """
@@ -12,66 +12,16 @@ cold first use again; `prefetch` reads them into it and prints the read's pace.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
-import mmap
-import os
-import sys
 import time
 from pathlib import Path
 from typing import Dict, Iterable, List
 
-LIBRARY_NAMES = ("cudnn", "cublas", "torch_cuda", "c10_cuda", "cudart", "nvrtc", "nvJitLink", "cufft", "cusparse", "curand", "cusolver")
-"""Library file names that a CUDA edit loads (NCCL, NVSHMEM and cuSPARSELt are left out: one GPU, no sparse kernels)."""
-
-
-def cuda_libraries() -> List[Path]:
-    """torch's own CUDA libraries and those of the nvidia-* wheels beside it, largest first."""
-    import torch
-
-    folders = [Path(torch.__file__).parent / "lib"]
-    folders += sorted(folder for entry in sys.path if entry and Path(entry, "nvidia").is_dir() for folder in Path(entry, "nvidia").glob("*/lib"))
-    files = {path.resolve() for folder in folders for path in folder.glob("*.so*") if path.is_file() and any(name in path.name for name in LIBRARY_NAMES)}
-    return sorted(files, key=lambda path: -path.stat().st_size)
-
-
-def resident_bytes(path: Path) -> int:
-    """Bytes of ``path`` in the page cache now (mincore over a read-only mapping, which reads nothing)."""
-    size = path.stat().st_size
-    if size == 0:
-        return 0
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    page = mmap.PAGESIZE
-    pages = (size + page - 1) // page
-    with open(path, "rb") as file:
-        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, file.fileno(), 0)
-        if address in (None, ctypes.c_void_p(-1).value):
-            raise OSError(ctypes.get_errno(), f"mmap of {path} failed")
-        try:
-            vector = ctypes.create_string_buffer(pages)
-            if libc.mincore(address, size, vector) != 0:
-                raise OSError(ctypes.get_errno(), f"mincore of {path} failed")
-            cached = sum(byte & 1 for byte in vector.raw)
-        finally:
-            libc.munmap(address, size)
-    return min(size, cached * page)
-
-
-def evict(paths: Iterable[Path]) -> None:
-    """Drop the files' pages from the page cache (written back first: only clean pages go; pages a process has
-    mapped may stay)."""
-    for path in paths:
-        with open(path, "rb") as file:
-            os.fdatasync(file.fileno())
-            os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+from igs2gs.cuda_libraries import cuda_libraries, evict, resident_bytes
 
 
 def prefetch(paths: Iterable[Path]) -> int:
-    """Read the files whole into the page cache; returns the bytes read."""
+    """Read the files whole into the page cache (timed: the disk's pace); returns the bytes read."""
     total = 0
     for path in paths:
         with open(path, "rb", buffering=0) as file:

@@ -102,8 +102,6 @@ def test_gpu_bench_refuses_to_run_another_igs2gs_than_the_checkouts(tmp_path):
 
 
 def test_cuda_library_cache_reads_files_into_the_page_cache_and_drops_them_again(tmp_path):
-    from cuda_library_cache import cuda_libraries
-
     script = Path(__file__).resolve().parents[1] / "scripts" / "cuda_library_cache.py"
     library = tmp_path / "libexample.so.1"
     library.write_bytes(os.urandom(8 << 20))
@@ -121,9 +119,6 @@ def test_cuda_library_cache_reads_files_into_the_page_cache_and_drops_them_again
     assert run("resident", library)["cached_mb"] < 0.9
     missing = subprocess.run([sys.executable, str(script), "resident", "--files", str(tmp_path / "none.so")], capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and "no such files" in missing.stderr
-    if torch.version.cuda:  # a CUDA build of torch: its cuDNN and cuBLAS are found
-        names = [path.name for path in cuda_libraries()]
-        assert any(name.startswith("libcudnn") for name in names) and any(name.startswith("libcublasLt") for name in names), names
 
 
 def test_gc_clock_times_the_collections_made_while_installed_and_only_those():
