@@ -60,7 +60,10 @@ def evict(paths: Iterable[Path]) -> None:
     has mapped may stay). No root needed: it is how one machine times a cold first use again."""
     for path in paths:
         with open(path, "rb") as file:
-            os.fdatasync(file.fileno())
+            try:
+                os.fdatasync(file.fileno())
+            except OSError:  # e.g. a read-only file system: nothing there to write back
+                pass
             os.posix_fadvise(file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
