@@ -9,6 +9,7 @@ kernel to read them ahead while set-up imports and loads costs no waiting. ``scr
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import os
 import sys
@@ -30,17 +31,23 @@ def cuda_libraries() -> List[Path]:
     return sorted(files, key=lambda path: -path.stat().st_size)
 
 
-def resident_bytes(path: Path) -> int:
-    """Bytes of ``path`` in the page cache now (mincore over a read-only mapping, which reads nothing)."""
-    size = path.stat().st_size
-    if size == 0:
-        return 0
+@functools.lru_cache(maxsize=None)
+def _libc() -> ctypes.CDLL:
+    """The C library's mmap, mincore and munmap, typed once."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mmap.restype = ctypes.c_void_p
     libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
     libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
     libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    page = mmap.PAGESIZE
+    return libc
+
+
+def resident_bytes(path: Path) -> int:
+    """Bytes of ``path`` in the page cache now (mincore over a read-only mapping, which reads nothing)."""
+    size = path.stat().st_size
+    if size == 0:
+        return 0
+    libc, page = _libc(), mmap.PAGESIZE
     with open(path, "rb") as file:
         address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, file.fileno(), 0)
         if address in (None, ctypes.c_void_p(-1).value):

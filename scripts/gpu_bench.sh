@@ -125,6 +125,10 @@ wait_reconstruction_and_tests() {
     wait "$reconstruction"; echo "reconstruction: exit $?"; tail -n 2 "$results/reconstruct_$scene.log"
 }
 
+libraries() {  # resident|evict|prefetch ARGS...: torch's CUDA libraries in the page cache, the totals' lines
+    python3 scripts/cuda_library_cache.py "$@" | grep -E "^read|in all"
+}
+
 load_dir() {  # the scene's latest reconstruction
     ls -d "$work/$scene"/splatfacto/*/nerfstudio_models | tail -n 1
 }
@@ -178,9 +182,8 @@ edit)
         off) bench_edit "$name" --compile off ;;
         cached_old_step) bench_edit "$name" --compile cached $old_step ;;
         cached_adam_eager) bench_edit "$name" --compile cached --adam-eager ;;
-        cached_cold) python3 scripts/cuda_library_cache.py evict | tail -n 1; bench_edit "$name" --compile cached ;;
-        cached_cold_read_ahead)
-            python3 scripts/cuda_library_cache.py evict | tail -n 1; bench_edit "$name" --compile cached --read-ahead-cuda-libraries ;;
+        cached_cold) libraries evict; bench_edit "$name" --compile cached ;;
+        cached_cold_read_ahead) libraries evict; bench_edit "$name" --compile cached --read-ahead-cuda-libraries ;;
         setup_profile) bench_edit "$name" --compile cached --setup-only --profile-setup ;;
         setup) bench_edit "$name" --compile cached --setup-only ;;
         setup_no_bytecode)  # an empty cache that stays empty: every import compiles its module
@@ -205,7 +208,6 @@ batch)  # compiles the packages for this batch first (UNet 148-196 s on an H100)
     echo "bench_ip2p batch $try: exit $?"; tail -n 12 "$results/ip2p_batch$try.log"
     ;;
 firstuse)  # an H100 host's first edit after prepare paid ~4.4 s more warm-up than the next processes (2026-12-07)
-    libraries() { python3 scripts/cuda_library_cache.py "$@" | grep -E "^read|in all"; }
     jit_cache() { local size; size=$(du -sk ~/.nv/ComputeCache 2> /dev/null | cut -f1); echo "driver JIT cache: ${size:-no folder} kB"; }
     probe() {  # NAME: the editor's first calls in a fresh process, one line
         python3 scripts/bench_editor_load.py "$editor" --packages "${BATCH:-15}" "${HEIGHT:-511}" "${WIDTH:-511}" \
