@@ -6,10 +6,17 @@ entry) takes the next batch when it is free, so fast devices take more. On CUDA 
 on its own stream, which also lets edits overlap with splat training on a shared GPU. A replica
 that raises is retired, its batch goes back into the queue for the others, and the failure is
 kept for the log; only when every replica has failed does the sweep fail.
+
+Both kinds of thread are daemons, and both spend their time inside torch's C++ code. When the
+interpreter shuts down, a daemon thread that comes back from C++ is ended by unwinding its stack,
+which the C++ runtime answers by aborting the whole process ("terminate called without an active
+exception", exit status 134) - after an error in set-up, a Ctrl-C in a sweep, or any exit while an
+edit runs. So every such thread is told to stop and waited for at exit (``finish_at_exit``).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import queue
 import threading
@@ -21,6 +28,31 @@ import torch
 from torch import Tensor
 
 from igs2gs.graphed_loss import CAPTURE_GATE
+
+EXIT_WAIT_S = 60.0
+"""How long the interpreter's exit waits for editor threads to leave torch's code: they stop at their next batch (or
+warm-up shape), so this is one batch's edit (~2.5 s on an H100) or a first use (~7 s), with room to spare."""
+
+_running_threads: List[Tuple[threading.Thread, Callable[[], None]]] = []
+_running_lock = threading.Lock()
+
+
+def finish_at_exit(thread: threading.Thread, stop: Callable[[], None]) -> None:
+    """At the interpreter's exit, call ``stop`` and wait for ``thread`` (up to ``EXIT_WAIT_S`` for all of them)."""
+    with _running_lock:
+        _running_threads[:] = [(t, s) for t, s in _running_threads if t.is_alive()]
+        _running_threads.append((thread, stop))
+
+
+@atexit.register  # registered after torch's import, so it runs before torch's own exit handlers
+def _finish_threads() -> None:
+    with _running_lock:
+        running = [(thread, stop) for thread, stop in _running_threads if thread.is_alive()]
+    for _, stop in running:
+        stop()
+    deadline = time.monotonic() + EXIT_WAIT_S
+    for thread, _ in running:
+        thread.join(max(0.0, deadline - time.monotonic()))
 
 
 @dataclass
@@ -60,6 +92,7 @@ class EditWorkers:
         self._busy = 0
         self._running = threading.Event()
         self._running.set()
+        self._stopping = False
         self._alive = len(editors)
         self.names = [f"{index}:{getattr(editor, 'device', 'cpu')}" for index, editor in enumerate(editors)]
         self._threads = [
@@ -68,6 +101,7 @@ class EditWorkers:
         ]
         for thread in self._threads:
             thread.start()
+            finish_at_exit(thread, self.stop)
 
     @property
     def outstanding(self) -> int:
@@ -112,17 +146,26 @@ class EditWorkers:
         return finished
 
     def close(self) -> None:
+        """End the threads once the queued jobs are edited."""
         for _ in self._threads:
             self._jobs.put(None)
+
+    def stop(self) -> None:
+        """End the threads after the batches being edited; queued jobs are dropped (the interpreter is exiting)."""
+        self._stopping = True
+        self._running.set()
+        self.close()
 
     def _work(self, editor, name: str) -> None:
         device = torch.device(getattr(editor, "device", "cpu"))
         stream = torch.cuda.Stream(device=device) if device.type == "cuda" else None
         while True:
             job = self._jobs.get()
-            if job is None:
+            if job is None or self._stopping:
                 return
             self._running.wait()  # paused: hold the job until editing resumes (then with the settings of then)
+            if self._stopping:
+                return
             with self._lock:
                 self._busy += 1
             try:
@@ -184,8 +227,10 @@ class WarmUp:
         editor pads to one already warm) and the photos' conditioning (up to its GPU work's end)."""
         self.error: Optional[str] = None
         self._conditions = conditions or (lambda device: ())
+        self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(list(editors), prompt), name="igs2gs-editor-warm-up", daemon=True)
         self._thread.start()
+        finish_at_exit(self._thread, self._stopping.set)
 
     def _run(self, editors: List, prompt: str) -> None:
         started = time.perf_counter()
@@ -194,10 +239,14 @@ class WarmUp:
                 for editor in editors:
                     device = torch.device(editor.device)
                     for batch, height, width in self.shapes:
+                        if self._stopping.is_set():
+                            return
                         seconds = editor.warm_up(batch, height, width, prompt)
                         self.parts.append((f"{device} batch {batch} {width}x{height}", seconds))
                     begun, photos = time.perf_counter(), 0
                     for views, originals in self._conditions(device):
+                        if self._stopping.is_set():
+                            return
                         editor.encode_conditions(originals, views)
                         photos += len(views)
                     if photos:

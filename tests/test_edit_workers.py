@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import threading
 import time
 from typing import Callable, List, Optional
@@ -333,3 +336,51 @@ def test_a_sweep_shows_its_progress_bar(scene_dir, splatfacto_run, tiny_ip2p_dir
     step_pipeline(trainer, trainer._start_step)
     shown = output.getvalue()
     assert "igs2gs sweep 1" in shown and f"{TRAIN_VIEWS}/{TRAIN_VIEWS} views" in shown and "edits/s" in shown, shown
+
+
+EXITING = """
+import sys, time, torch
+from igs2gs.edit_workers import EditJob, EditWorkers, WarmUp
+
+class Busy:  # stands in for an editor on a GPU: each call spends its time inside torch's C++ code
+    device = "cpu"
+    def __init__(self):
+        self.calls, self.a = 0, torch.randn(1200, 1200)
+    def work(self):
+        self.calls += 1
+        for _ in range(10):
+            torch.mm(self.a, self.a)
+    def warm_up(self, batch, height, width, prompt):
+        self.work()
+        return 0.0
+    def edit(self, renders, originals, prompt, **kwargs):
+        self.work()
+        return renders
+
+editor = Busy()
+if sys.argv[1] == "warm-up":
+    WarmUp([editor], [(1, 8, 8)] * 1000, "a prompt")
+else:
+    workers = EditWorkers([editor], lambda: ("a prompt", {}))
+    for view in range(1000):
+        workers.submit(EditJob([view], torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8), [torch.Generator()]))
+while editor.calls < 2:
+    time.sleep(0.01)
+print("exiting with", editor.calls, "calls begun", flush=True)
+{exit}
+"""
+
+
+@pytest.mark.parametrize("threads", ["warm-up", "edit workers"])
+@pytest.mark.parametrize("exit", ["", "raise SystemExit('set-up failed')", "raise KeyboardInterrupt"])
+def test_exiting_while_editor_threads_are_in_torch_does_not_abort_the_process(threads, exit, tmp_path):
+    """Without ``finish_at_exit`` the C++ runtime aborts such an exit (status 134, "terminate called without an
+    active exception"); with it the threads stop at their next batch: not all of the 1,000 queued are begun."""
+    script = tmp_path / "exiting.py"
+    script.write_text(EXITING.replace("{exit}", exit))
+    run = subprocess.run([sys.executable, str(script), threads], capture_output=True, text=True, timeout=300)
+    assert "terminate called" not in run.stderr, run.stderr
+    expected = {"": 0, "raise SystemExit('set-up failed')": 1, "raise KeyboardInterrupt": -signal.SIGINT}[exit]  # as Python's own
+    assert run.returncode == expected, run.stderr
+    begun = int(run.stdout.split("exiting with ")[1].split()[0])
+    assert 2 <= begun < 10, run.stdout
