@@ -24,6 +24,12 @@ from igs2gs.graphed_loss import CAPTURE_GATE
 from nerfstudio.engine.optimizers import Optimizers
 
 
+def is_adam_on(optimizer: Optional[torch.optim.Optimizer], device_types: Sequence[str]) -> bool:
+    """Whether ``optimizer`` is torch's own Adam (not a subclass) with parameters, all on ``device_types``."""
+    params = [p for group in optimizer.param_groups for p in group["params"]] if optimizer is not None else []
+    return type(optimizer) is torch.optim.Adam and bool(params) and all(p.device.type in device_types for p in params)
+
+
 def graphable_groups(
     optimizers: Optimizers, names: Sequence[str], accumulation: Dict[str, int], device_types: Sequence[str] = ("cuda",)
 ) -> List[str]:
@@ -31,10 +37,7 @@ def graphable_groups(
     groups = []
     for name in names:
         optimizer = optimizers.optimizers.get(name)
-        if type(optimizer) is not torch.optim.Adam or len(optimizer.param_groups) != 1:
-            continue
-        group = optimizer.param_groups[0]
-        if not group["fused"] or any(p.device.type not in device_types for p in group["params"]):
+        if not is_adam_on(optimizer, device_types) or len(optimizer.param_groups) != 1 or not optimizer.param_groups[0]["fused"]:
             continue
         if optimizers.config[name]["optimizer"].max_norm is not None or accumulation.get(name, 1) != 1:
             continue

@@ -26,7 +26,7 @@ import yaml
 
 from igs2gs.datamanager import CachedPhotos, unreadable_data, without_point_cloud
 from igs2gs.edit_store import STORE_DIRNAME, EditStore, write_atomically
-from igs2gs.optimizer_graph import GraphedOptimizers, graphable_groups
+from igs2gs.optimizer_graph import GraphedOptimizers, graphable_groups, is_adam_on
 from igs2gs.pipeline import check_edit_settings, check_prompt
 from nerfstudio.engine.trainer import Trainer, TrainerConfig
 from nerfstudio.utils import writer
@@ -80,12 +80,12 @@ def use_fused_adam(
     """
     switched = []
     for name, optimizer in optimizers.items():
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        if type(optimizer) is not torch.optim.Adam or not params or any(p.device.type not in device_types for p in params):
+        if not is_adam_on(optimizer, device_types):
             continue
         for group in optimizer.param_groups:
             group["fused"], group["foreach"] = fused, not fused
-        step_device = params[0].device if fused else torch.device("cpu")  # the fused kernel counts steps on the device
+        first = next(p for group in optimizer.param_groups for p in group["params"])
+        step_device = first.device if fused else torch.device("cpu")  # the fused kernel counts steps on the device
         for state in optimizer.state.values():
             if "step" in state:
                 state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).detach().to(step_device)

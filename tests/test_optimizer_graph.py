@@ -7,7 +7,7 @@ from typing import Dict
 import pytest
 import torch
 
-from igs2gs.optimizer_graph import GraphedOptimizers, graphable_groups
+from igs2gs.optimizer_graph import GraphedOptimizers, graphable_groups, is_adam_on
 from igs2gs.trainer import use_fused_adam
 from nerfstudio.engine.optimizers import AdamOptimizerConfig, Optimizers
 from nerfstudio.engine.schedulers import ExponentialDecaySchedulerConfig
@@ -65,6 +65,17 @@ def test_only_unclipped_fused_adam_groups_stepped_every_step_are_graphable():
     for group in optimizers.optimizers["means"].param_groups:
         group["fused"] = False
     assert graphable_groups(optimizers, ["means", "features_rest", "missing"], {}, device_types=("cpu",)) == ["features_rest"]
+
+
+def test_only_torchs_own_adam_with_parameters_all_on_the_devices_is_an_adam_on_them():
+    """What both the fused switch and the graph ask first: a subclass may step differently, a split one can't fuse."""
+    here, there = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3, device="meta"))
+    assert is_adam_on(torch.optim.Adam([here]), ("cpu",))
+    assert not is_adam_on(torch.optim.Adam([here]), ("cuda",))
+    assert not is_adam_on(torch.optim.Adam([here, there]), ("cpu",))
+    assert not is_adam_on(type("MyAdam", (torch.optim.Adam,), {})([here]), ("cpu",))
+    assert not is_adam_on(torch.optim.SGD([here]), ("cpu",))
+    assert not is_adam_on(torch.optim.Adam([{"params": []}]), ("cpu",)) and not is_adam_on(None, ("cpu",))
 
 
 def test_stopped_graphed_optimizers_step_as_eager_ones():
