@@ -100,9 +100,9 @@ print("\n".join(f for f in sys.path if f and os.path.isdir(f) and os.path.realpa
 # to a temporary file and renamed); the other phases compile first (seconds once the cache is full)
 if [[ $phase == prepare ]]; then compile_byte_code & byte_code=$!; else compile_byte_code; fi
 
-reconstruct() {  # splatfacto of the scene (RECON_STEPS, default 15k), its log under the scene's name
+reconstruct() {  # splatfacto of the scene (RECON_STEPS, default 15k; no evaluations), its log under the scene's name
     python3 scripts/reconstruct.py --data "$data" --output-dir "$work" --steps "${RECON_STEPS:-15000}" --device cuda \
-        > "$results/reconstruct_$scene.log" 2>&1
+        --no-eval > "$results/reconstruct_$scene.log" 2>&1
 }
 
 make_editor() {  # the random-weight SD-1.5-shaped editor

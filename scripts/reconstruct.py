@@ -6,7 +6,10 @@ path rasterizes in pure torch, and splatfacto's loss (L1 + SSIM, no LPIPS). The 
 ordinary splatfacto run folder (``config.yml``, ``nerfstudio_models/``) that ``ns-train igs2gs
 --load-dir`` accepts.
 
-    python scripts/reconstruct.py --data DATA --output-dir outputs --steps 300 --device cpu
+    python scripts/reconstruct.py --data DATA --output-dir outputs --steps 300 --device cpu [--no-eval]
+
+``--no-eval`` leaves out splatfacto's evaluations (one held-out image every 100 steps, all of them every
+1,000: ~270 renders with their metrics in 15k steps), for a benchmark that only needs the splats.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ from nerfstudio.configs.method_configs import method_configs
 from nerfstudio.engine.trainer import TrainerConfig
 
 
-def splatfacto_config(data: Path, output_dir: Path, steps: int, device: str, timestamp: Optional[str] = None) -> TrainerConfig:
-    """nerfstudio's ``splatfacto`` config, made runnable on ``device``."""
+def splatfacto_config(
+    data: Path, output_dir: Path, steps: int, device: str, timestamp: Optional[str] = None, evaluate: bool = True
+) -> TrainerConfig:
+    """nerfstudio's ``splatfacto`` config, made runnable on ``device`` (without evaluations unless ``evaluate``)."""
     from igs2gs.datamanager import IGS2GSDataManagerConfig
     from igs2gs.model import IGS2GSModelConfig
 
@@ -35,6 +40,8 @@ def splatfacto_config(data: Path, output_dir: Path, steps: int, device: str, tim
     config.viewer.quit_on_train_completion = True
     if timestamp is not None:
         config.timestamp = timestamp
+    if not evaluate:  # nerfstudio evaluates at no step for an interval of 0
+        config.steps_per_eval_image = config.steps_per_eval_batch = config.steps_per_eval_all_images = 0
     if device != "cuda":
         config.pipeline.datamanager = IGS2GSDataManagerConfig(data=Path(data))
         config.pipeline.model = IGS2GSModelConfig(
@@ -51,11 +58,13 @@ def splatfacto_config(data: Path, output_dir: Path, steps: int, device: str, tim
     return config
 
 
-def reconstruct(data: Path, output_dir: Path, steps: int, device: str, timestamp: Optional[str] = None) -> Path:
+def reconstruct(
+    data: Path, output_dir: Path, steps: int, device: str, timestamp: Optional[str] = None, evaluate: bool = True
+) -> Path:
     """Train and return the run's ``nerfstudio_models`` folder."""
     from nerfstudio.scripts.train import main as train_main
 
-    config = splatfacto_config(data, output_dir, steps, device, timestamp)
+    config = splatfacto_config(data, output_dir, steps, device, timestamp, evaluate)
     train_main(config)
     return config.get_checkpoint_dir()
 
@@ -66,8 +75,9 @@ def main() -> None:
     parser.add_argument("--output-dir", type=Path, default=Path("outputs"))
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--no-eval", dest="evaluate", action="store_false", help="leave out splatfacto's evaluations")
     args = parser.parse_args()
-    print(reconstruct(args.data, args.output_dir, args.steps, args.device))
+    print(reconstruct(args.data, args.output_dir, args.steps, args.device, evaluate=args.evaluate))
 
 
 if __name__ == "__main__":

@@ -276,3 +276,17 @@ def test_bench_edit_says_how_the_adam_steps_ran():
     assert adam_steps(graphed) == "CUDA graph"
     graphed.stop_replaying("its parameters were replaced")
     assert adam_steps(graphed) == "eager after the CUDA graph was turned off (its parameters were replaced)"
+
+
+def test_a_reconstruction_without_evaluations_evaluates_at_no_step(tmp_path):
+    """gpu_bench's reconstructions leave splatfacto's evaluations out (device time); a user's keep them."""
+    from nerfstudio.utils.misc import step_check
+
+    from reconstruct import splatfacto_config
+
+    def evaluated_steps(config):
+        intervals = (config.steps_per_eval_image, config.steps_per_eval_batch, config.steps_per_eval_all_images)
+        return [step for step in range(config.max_num_iterations + 1) if any(step_check(step, n) for n in intervals)]
+
+    assert len(evaluated_steps(splatfacto_config(tmp_path, tmp_path, 2000, "cuda"))) == 20  # every 100 steps
+    assert evaluated_steps(splatfacto_config(tmp_path, tmp_path, 2000, "cuda", evaluate=False)) == []
