@@ -13,7 +13,6 @@ import functools
 import io
 import tarfile
 import threading
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from igs2gs.edit_workers import finish_at_exit
 from nerfstudio.viewer.viewer import VISER_NERFSTUDIO_SCALE_RATIO
 from nerfstudio.viewer.viewer_elements import ViewerControl
 
@@ -124,12 +124,14 @@ class EditControls(ViewerControl):
         pause.on_update(lambda _: pipeline.set_editing_paused(bool(pause.value)))
         self.handles = dict(prompt=prompt, guidance=guidance, image_guidance=image_guidance, sweep_now=sweep_now,
                             pause=pause, preview_mode=preview_mode, status=status, preview=preview)
-        threading.Thread(target=self._refresh_forever, name="igs2gs-viewer-panel", daemon=True).start()
+        self._stopping = threading.Event()
+        self._refresher = threading.Thread(target=self._refresh_forever, name="igs2gs-viewer-panel", daemon=True)
+        self._refresher.start()
+        finish_at_exit(self._refresher, self._stopping.set)  # a preview is made with torch: not left in it at exit
 
     # ------------------------------------------------------------------------ refreshing
     def _refresh_forever(self) -> None:
-        while True:
-            time.sleep(0.25)
+        while not self._stopping.wait(0.25):
             try:
                 self.refresh()
             except Exception:  # noqa: BLE001 - a closed viewer or a dropped client must not end training

@@ -260,3 +260,16 @@ def test_the_viewer_draws_the_camera_thumbnails_from_the_cached_photos(scene_dir
         assert source.cameras is dataset.cameras and len(source) == len(expected) == len(trainer.viewer_state.camera_handles)
         for view, image in enumerate(expected):
             assert torch.equal((source[view]["image"] * 255).type(torch.uint8).cpu(), image), view
+
+
+def test_the_panels_refresh_thread_is_stopped_at_exit(scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path):
+    """It makes previews with torch: the interpreter's exit must not find it there (``edit_workers.finish_at_exit``)."""
+    from igs2gs import edit_workers
+
+    with trainer_with_viewer(scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path) as trainer:
+        panel = trainer.pipeline.edit_controls._refresher
+        (stop,) = [stop for thread, stop in edit_workers._running_threads if thread is panel]
+        assert panel.is_alive()
+        stop()
+        panel.join(5.0)
+        assert not panel.is_alive()
