@@ -7,16 +7,12 @@ on its own stream, which also lets edits overlap with splat training on a shared
 that raises is retired, its batch goes back into the queue for the others, and the failure is
 kept for the log; only when every replica has failed does the sweep fail.
 
-Both kinds of thread are daemons, and both spend their time inside torch's C++ code. When the
-interpreter shuts down, a daemon thread that comes back from C++ is ended by unwinding its stack,
-which the C++ runtime answers by aborting the whole process ("terminate called without an active
-exception", exit status 134) - after an error in set-up, a Ctrl-C in a sweep, or any exit while an
-edit runs. So every such thread is told to stop and waited for at exit (``finish_at_exit``).
+Both kinds of thread spend their time inside torch's code, so each is stopped and waited for at the
+interpreter's exit (``threads_at_exit``).
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import queue
 import threading
@@ -28,32 +24,7 @@ import torch
 from torch import Tensor
 
 from igs2gs.graphed_loss import CAPTURE_GATE
-
-EXIT_WAIT_S = 60.0
-"""How long the interpreter's exit waits for editor threads to leave torch's code: they stop at their next batch (or
-warm-up shape), so this is one batch's edit (~2.5 s on an H100) or a first use (~7 s), with room to spare."""
-
-_running_threads: List[Tuple[threading.Thread, Callable[[], None]]] = []
-_running_lock = threading.Lock()
-
-
-def finish_at_exit(thread: threading.Thread, stop: Callable[[], None]) -> None:
-    """At the interpreter's exit, call ``stop`` and wait for ``thread`` (up to ``EXIT_WAIT_S`` for all of them)."""
-    with _running_lock:
-        _running_threads[:] = [(t, s) for t, s in _running_threads if t.is_alive()]
-        _running_threads.append((thread, stop))
-
-
-@atexit.register  # registered after torch's import, so it runs before torch's own exit handlers
-def _finish_threads() -> None:
-    with _running_lock:
-        running = [(thread, stop) for thread, stop in _running_threads if thread.is_alive()]
-    for _, stop in running:
-        stop()
-    deadline = time.monotonic() + EXIT_WAIT_S
-    for thread, _ in running:
-        thread.join(max(0.0, deadline - time.monotonic()))
-
+from igs2gs.threads_at_exit import finish_at_exit
 
 @dataclass
 class EditJob:

@@ -312,6 +312,11 @@ class IGS2GSTrainer(Trainer):
 
             index_viser_icons()  # before nerfstudio's viewer builds its GUI
         super().setup(test_mode)
+        if self.viewer_state is not None:
+            from igs2gs.threads_at_exit import finish_at_exit_those_of
+            from igs2gs.viewer_controls import render_threads_of
+
+            finish_at_exit_those_of(render_threads_of(self.viewer_state))
         # nerfstudio's console counts "% Done" and the ETA up to max_num_iterations as an absolute step;
         # an edit starts at the loaded step (e.g. 30000), so count up to the step the edit ends at.
         writer.GLOBAL_BUFFER["max_iter"] = self.pipeline.edit_end_step

@@ -13,14 +13,15 @@ import functools
 import io
 import tarfile
 import threading
+import weakref
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
 
-from igs2gs.edit_workers import finish_at_exit
+from igs2gs.threads_at_exit import Stoppable, finish_at_exit
 from nerfstudio.viewer.viewer import VISER_NERFSTUDIO_SCALE_RATIO
 from nerfstudio.viewer.viewer_elements import ViewerControl
 
@@ -89,6 +90,19 @@ def preview_markdown(image: torch.Tensor, caption: str) -> str:
     buffer = io.BytesIO()
     picture.save(buffer, format="JPEG", quality=85)
     return f"{caption}\n\n![training image](data:image/jpeg;base64,{base64.b64encode(buffer.getvalue()).decode()})"
+
+
+def render_threads_of(viewer) -> Callable[[], List[Stoppable]]:
+    """nerfstudio's viewer renders with torch in one thread per client, which end when told to stop ``running``: what
+    lists them at exit (``threads_at_exit``), holding the viewer weakly."""
+    viewer_ref = weakref.ref(viewer)
+
+    def threads() -> List[Stoppable]:
+        viewer = viewer_ref()
+        machines = list(viewer.render_statemachines.values()) if viewer is not None else []
+        return [(machine, functools.partial(setattr, machine, "running", False)) for machine in machines]
+
+    return threads
 
 
 class EditControls(ViewerControl):

@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -262,14 +263,29 @@ def test_the_viewer_draws_the_camera_thumbnails_from_the_cached_photos(scene_dir
             assert torch.equal((source[view]["image"] * 255).type(torch.uint8).cpu(), image), view
 
 
-def test_the_panels_refresh_thread_is_stopped_at_exit(scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path):
-    """It makes previews with torch: the interpreter's exit must not find it there (``edit_workers.finish_at_exit``)."""
-    from igs2gs import edit_workers
+def test_the_panels_refresh_thread_and_the_viewers_renderers_are_stopped_at_exit(scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path):
+    """Both render with torch: the interpreter's exit must not find them there (``threads_at_exit``). nerfstudio's
+    viewer starts a renderer per client, which stops once its ``running`` is False: one stands in for a client's."""
+    from igs2gs import threads_at_exit
+
+    class Renderer(threading.Thread):
+        def __init__(self):
+            super().__init__(daemon=True)
+            self.running = True
+
+        def run(self):
+            while self.running:
+                time.sleep(0.01)
 
     with trainer_with_viewer(scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path) as trainer:
+        renderer = Renderer()
+        renderer.start()
+        trainer.viewer_state.render_statemachines[7] = renderer  # as a client's connection adds it
         panel = trainer.pipeline.edit_controls._refresher
-        (stop,) = [stop for thread, stop in edit_workers._running_threads if thread is panel]
-        assert panel.is_alive()
-        stop()
-        panel.join(5.0)
-        assert not panel.is_alive()
+        stops = {thread: stop for thread, stop in threads_at_exit.running() if thread in (panel, renderer)}
+        assert set(stops) == {panel, renderer}
+        for thread, stop in stops.items():
+            stop()
+            thread.join(5.0)
+            assert not thread.is_alive()
+        del trainer.viewer_state.render_statemachines[7]
