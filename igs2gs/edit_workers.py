@@ -26,6 +26,7 @@ from torch import Tensor
 from igs2gs.graphed_loss import CAPTURE_GATE
 from igs2gs.threads_at_exit import finish_at_exit
 
+
 @dataclass
 class EditJob:
     """One batch of views to edit: renders and originals [B, 3, H, W] in [0, 1] and a generator per view."""
