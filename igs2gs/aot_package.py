@@ -134,10 +134,25 @@ class Packaged:
     overlapped edits, the viewer - stood still for each UNet call's GPU time. Here, on CUDA, each call waits for the
     previous one with the GIL released (the queue then has room); the GPU is as busy as before."""
 
-    def __init__(self, call: PackagePart, runner: Callable, shape: torch.Size, constants: Dict[str, Tensor], device: torch.device) -> None:
+    def __init__(
+        self, call: PackagePart, runner: Callable, shape: torch.Size, constants: Dict[str, Tensor], device: torch.device,
+        cuda_graph: bool = False,
+    ) -> None:
         self.call, self.runner, self.shape = call, runner, shape
         self._constants = constants  # the package reads these tensors directly: they must stay alive
         self._previous = torch.cuda.Event() if device.type == "cuda" else None  # recorded after each call
+        self.cuda_graph = cuda_graph and device.type == "cuda"
+        """After its first call, replay the package from a CUDA graph (``_replay``)."""
+        self.graph_failed: Optional[str] = None  # why the capture failed: calls then stay direct
+        self._calls = 0
+        self._graph: Any = None  # the captured graph (``capture_graph``), its input buffers and the output it writes
+        self._static_inputs: Tuple[Tensor, ...] = ()
+        self._static_output: Optional[Tensor] = None
+
+    @property
+    def replaying(self) -> bool:
+        """Whether calls are replayed from a captured CUDA graph."""
+        return self._graph is not None
 
     def __call__(self, *inputs: Tensor) -> Tensor:
         rows, batch = inputs[0].shape[0], self.shape[0]
@@ -145,12 +160,51 @@ class Packaged:
             return self(padded_rows(inputs[0], batch - rows))[:rows]
         if inputs[0].shape != self.shape:
             return self.call(*inputs)
+        if self.cuda_graph and self.graph_failed is None and self._calls:
+            return self._replay(inputs)
+        self._calls += 1
         if self._previous is not None:
             self._previous.synchronize()  # releases the GIL; returns at once before the first call
         output = self.runner(*(tensor.contiguous() for tensor in inputs))  # it reads them with contiguous strides
         if self._previous is not None:
             self._previous.record(torch.cuda.current_stream(inputs[0].device))  # the stream the runner launched on
         return output
+
+    def _replay(self, inputs: Tuple[Tensor, ...]) -> Tensor:
+        """The package's call as one CUDA graph launch, captured at the first call made here (the one before loaded
+        its kernels and made cuDNN's plans, which a capture must not do). A graph launch is one host call, made with
+        the GIL released, where a direct call launches each of its kernels (the UNet: hundreds) holding it. Inputs
+        are copied into the graph's own; the output is a copy (the next replay overwrites the graph's)."""
+        if self._graph is None:
+            self._capture(inputs)
+            if self._graph is None:
+                return self(*inputs)
+        if any(static.shape != given.shape or static.dtype != given.dtype for static, given in zip(self._static_inputs, inputs)):
+            return self.call(*inputs)  # what the package was not compiled for runs eagerly, as in ``__call__``
+        for static, given in zip(self._static_inputs, inputs):
+            static.copy_(given)
+        self._graph.replay()
+        assert self._static_output is not None
+        return self._static_output.clone()
+
+    def _capture(self, inputs: Tuple[Tensor, ...]) -> None:
+        self._static_inputs = tuple(tensor.contiguous().clone() for tensor in inputs)
+        try:
+            self._graph, self._static_output = capture_graph(lambda: self.runner(*self._static_inputs), inputs[0].device)
+        except RuntimeError as error:  # e.g. a library call that may not be captured: call the package directly
+            self.graph_failed = f"{type(error).__name__}: {error}"
+            self._graph, self._static_inputs, self._static_output = None, (), None
+            CONSOLE.log(f"[yellow]igs2gs: capturing the {self.call.part}'s package in a CUDA graph failed ({error}); calling it directly")
+
+
+def capture_graph(run: Callable[[], Tensor], device: torch.device) -> Tuple[Any, Tensor]:
+    """``run``'s GPU work captured in a CUDA graph (not run), and the tensor each replay writes its output to. Only
+    this thread's calls are checked during the capture: other threads (training beside the edits, the viewer) may use
+    the GPU meanwhile."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.device(device), torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        output = run()
+    return graph, output
 
 
 def _load(path: Path, device_index: int) -> Callable:
@@ -170,8 +224,9 @@ def _load(path: Path, device_index: int) -> Callable:
         return torch._inductor.aoti_load_package(str(path), run_single_threaded=True, device_index=device_index)
 
 
-def _bind(path: Path, call: PackagePart, inputs: Tuple[Tensor, ...]) -> Packaged:
-    """Load the package at ``path`` (made for inputs like these) and point its constants at ``call``'s tensors.
+def _bind(path: Path, call: PackagePart, inputs: Tuple[Tensor, ...], cuda_graph: bool = False) -> Packaged:
+    """Load the package at ``path`` (made for inputs like these) and point its constants at ``call``'s tensors
+    (``cuda_graph``: see ``Packaged``).
 
     On CUDA, torch 2.11's loader keeps the tensors bound here allocated for the rest of the process, even after
     the runner and the model are gone (H100: 1.94 GB of UNet and VAE weights left by a deleted editor; 0.04 GB
@@ -188,7 +243,7 @@ def _bind(path: Path, call: PackagePart, inputs: Tuple[Tensor, ...]) -> Packaged
         raise ValueError(f"the package has weights built in: {baked[:3]}")
     constants = {name: weights[name] for name in needed}
     runner.load_constants(constants, check_full_update=True, user_managed=True)
-    return Packaged(call, runner, inputs[0].shape, constants, device)
+    return Packaged(call, runner, inputs[0].shape, constants, device, cuda_graph)
 
 
 def _compile(call: PackagePart, inputs: Tuple[Tensor, ...], path: Path) -> None:
@@ -217,17 +272,18 @@ def _is_file(path: Path) -> bool:
 
 
 def packaged(
-    call: PackagePart, inputs: Tuple[Tensor, ...], folder: Optional[Path] = None, compile_missing: bool = True
+    call: PackagePart, inputs: Tuple[Tensor, ...], folder: Optional[Path] = None, compile_missing: bool = True,
+    cuda_graph: bool = False,
 ) -> Optional[Packaged]:
     """``call``'s package for these inputs, loaded from ``folder`` (default ``package_folder()``) or, with
-    ``compile_missing``, compiled into it first. ``None`` (logged) if it can be neither: the editor then runs that
-    part eagerly."""
+    ``compile_missing``, compiled into it first (``cuda_graph``: replayed from a CUDA graph after its first call).
+    ``None`` (logged) if it can be neither: the editor then runs that part eagerly."""
     path = (folder or package_folder()) / f"{call.part}-{package_key(call, inputs)}.pt2"
     started = time.perf_counter()
     found = _is_file(path)
     if found:
         try:
-            loaded = _bind(path, call, inputs)
+            loaded = _bind(path, call, inputs, cuda_graph)
             CONSOLE.log(f"Loaded the compiled {call.part} from {path} in {time.perf_counter() - started:.1f} s")
             return loaded
         except Exception as error:  # noqa: BLE001 - a damaged or foreign file is replaced, not fatal
@@ -243,7 +299,7 @@ def packaged(
     )
     try:
         _compile(call, inputs, path)
-        loaded = _bind(path, call, inputs)
+        loaded = _bind(path, call, inputs, cuda_graph)
     except Exception as error:  # noqa: BLE001 - no compiler, an unsupported op...: run eagerly instead
         CONSOLE.log(f"[yellow]igs2gs: compiling or loading the {call.part}'s package failed ({type(error).__name__}: {error}); running it eagerly")
         return None

@@ -178,6 +178,7 @@ class InstructPix2Pix:
         vae_batch_size: int = 4,
         packages: PackageUse = "off",
         cudnn_benchmark: bool = False,
+        unet_cuda_graph: bool = False,
     ) -> None:
         from diffusers import DDIMScheduler
 
@@ -200,6 +201,8 @@ class InstructPix2Pix:
         # part name -> its package; the others run eagerly. Packaging is tried once: it either gives the UNet one
         # or turns ``compiled`` off.
         self._packages: Dict[str, Callable[..., Tensor]] = {}
+        self.unet_cuda_graph = unet_cuda_graph
+        """Replay the UNet's package from a CUDA graph after its first call (``aot_package.Packaged._replay``)."""
         self.cudnn_benchmark = cudnn_benchmark
         """Let cuDNN autotune the editor's convolutions (if the process asks for it); off: its heuristics."""
         self.fixed_batch: Optional[int] = None
@@ -226,6 +229,7 @@ class InstructPix2Pix:
         vae_batch_size: int = 4,
         packages: PackageUse = "off",
         cudnn_benchmark: bool = False,
+        unet_cuda_graph: bool = False,
     ) -> "InstructPix2Pix":
         """Load ``model`` (hub id or local folder) onto ``device``.
 
@@ -240,7 +244,8 @@ class InstructPix2Pix:
         editor per process and keep it); ``"cached"`` runs them from packages only where an earlier run compiled
         them (never compiles; eager with ``cpu_offload``), else eagerly; ``"off"`` always edits eagerly;
         ``cudnn_benchmark`` keeps cuDNN's benchmark mode (if on) for the editor, which otherwise edits
-        with cuDNN's heuristics (``cudnn_heuristics``).
+        with cuDNN's heuristics (``cudnn_heuristics``); ``unet_cuda_graph`` replays the UNet's package from a CUDA
+        graph after its first call (experimental; packages only).
         """
         device = torch.device(device)
         if packages not in PACKAGE_USES:
@@ -264,7 +269,7 @@ class InstructPix2Pix:
             module.requires_grad_(False).eval()
         if device.type != "cuda" or cpu_offload:
             packages = "off"  # packages are compiled for CUDA, against weights that stay where they were loaded
-        return cls(pipe, device, max_batch_size, cache_conditioning, vae_batch_size, packages, cudnn_benchmark)
+        return cls(pipe, device, max_batch_size, cache_conditioning, vae_batch_size, packages, cudnn_benchmark, unet_cuda_graph)
 
     # ----------------------------------------------------------------------------------- caches
     @torch.no_grad()
@@ -436,7 +441,7 @@ class InstructPix2Pix:
         from igs2gs.aot_package import UNetCall, VAEDecoderCall, VAEEncoderCall, packaged
 
         inputs = self.package_inputs(count, height, width, embeddings)
-        unet = packaged(UNetCall(self.unet), inputs["unet"], compile_missing=self.compile_missing)
+        unet = packaged(UNetCall(self.unet), inputs["unet"], compile_missing=self.compile_missing, cuda_graph=self.unet_cuda_graph)
         if unet is None:
             self.compiled, self.fixed_batch = False, None
             return

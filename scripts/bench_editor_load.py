@@ -8,7 +8,8 @@ an earlier run into ``$IGS2GS_PACKAGE_DIR``; none is compiled here) and times ea
 against its second, once cuDNN, cuBLAS and SDPA are started: what of the packaged warm-up (6.7 s in an H100 host's
 first edit, 2026-12-07) is the packages' own first use - there, the next process: UNet 0.88 s against 0.10 s, the VAE
 halves 0.08-0.09 s against 0.02-0.04 s (0.70 s for the UNet with ``CUDA_MODULE_LOADING=EAGER``, which loads every
-kernel up front: the first cuDNN and cuBLAS calls then took 1.3 and 3.0 s).
+kernel up front: the first cuDNN and cuBLAS calls then took 1.3 and 3.0 s). Then ten UNet calls made directly against
+ten replayed from a CUDA graph (``--pipeline.ip2p-cuda-graph``; its capture timed apart).
 
     python scripts/bench_editor_load.py MODEL [--device cuda] [--packages 15 511 511] [--json out.json]
 """
@@ -77,7 +78,8 @@ def main() -> None:
 
 
 def time_package_first_calls(editor, batch: int, height: int, width: int, timed: Callable[[str, Callable[[], object]], object]) -> None:
-    """Load ``editor``'s packages for this batch shape, then call each twice on zeros of its input shape."""
+    """Load ``editor``'s packages for this batch shape, then call each twice on zeros of its input shape; then the UNet's
+    ten times directly, and ten times replayed from a CUDA graph (after its capture)."""
     from igs2gs.ip2p import cudnn_heuristics
 
     size, prompt = editor._unet_size(height, width), "turn it into marble"
@@ -94,6 +96,12 @@ def time_package_first_calls(editor, batch: int, height: int, width: int, timed:
                 continue
             for call in ("first", "second"):
                 timed(f"{part} package, {call} call", lambda: package(*inputs))
+        unet, inputs = editor._packages["unet"], editor.package_inputs(batch, *size, embeddings)["unet"]
+        timed("unet package, 10 direct calls", lambda: [unet(*inputs) for _ in range(10)])
+        unet.cuda_graph = True  # the same package from now on replayed from a CUDA graph (--pipeline.ip2p-cuda-graph)
+        timed("unet package, CUDA graph captured and its first call replayed", lambda: unet(*inputs))
+        timed("unet package, 10 calls replayed from the CUDA graph", lambda: [unet(*inputs) for _ in range(10)])
+        print(f"unet package: {'replayed from a CUDA graph' if unet.replaying else f'not replayed ({unet.graph_failed})'}")
 
 
 if __name__ == "__main__":

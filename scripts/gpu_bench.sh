@@ -56,7 +56,7 @@ if [[ ! "$phase" =~ ^($phases)$ || ! -d "$data" ]]; then
     echo "$usage (DATA: a nerfstudio scene folder)" >&2; exit 2
 fi
 edit_runs="cached cached_overlap off"  # edit's runs by default; EDITS picks among these and more_runs
-more_runs="cached_old_step cached_adam_eager cached_cold cached_cold_read_ahead setup_profile setup setup_no_bytecode"
+more_runs="cached_old_step cached_adam_eager cached_unet_graph cached_overlap_unet_graph cached_cold cached_cold_read_ahead setup_profile setup setup_no_bytecode"
 reference_views=${REFERENCE_VIEWS:-2} reference_steps=${REFERENCE_STEPS:-300}
 [[ $reference_views == 0 ]] && reference_steps=0  # the steps extend the views' projection
 old_step="--gsplat-checked-inverse --no-lpips-target-cache"  # the training step before 2026-12-07's second session
@@ -142,7 +142,7 @@ bench_edit() {  # NAME ARGS...: one whole edit of the reconstructed scene, its J
     python3 - "$results/edit_$name.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
-print({k: r.get(k) for k in ("total_s", "total_with_imports_s", "setup_s", "sweep_s", "ip2p_s_per_edit", "splat_training_s", "peak_gpu_gb", "editor_packages", "adam_steps")},
+print({k: r.get(k) for k in ("total_s", "total_with_imports_s", "setup_s", "sweep_s", "ip2p_s_per_edit", "splat_training_s", "peak_gpu_gb", "editor_packages", "adam_steps", "unet_calls")},
       "median step ms:", r.get("step_times", {}).get("median_ms"), "before it:", r.get("splat_training_split_s", {}).get("before_first_step"),
       "warm-up:", r.get("editor_warm_up_from_setup_start_s"),
       "reference:", {k: r.get("reference_style", {}).get(k) for k in ("s_per_view", "speedup", "sweep_speedup", "step_median_ms", "speedup_reference_steps", "steps_error")})
@@ -182,6 +182,8 @@ edit)
         off) bench_edit "$name" --compile off ;;
         cached_old_step) bench_edit "$name" --compile cached $old_step ;;
         cached_adam_eager) bench_edit "$name" --compile cached --adam-eager ;;
+        cached_unet_graph) bench_edit "$name" --compile cached --ip2p-cuda-graph ;;  # its A/B: alternate with cached
+        cached_overlap_unet_graph) bench_edit "$name" --compile cached --overlap --ip2p-cuda-graph ;;
         cached_cold) libraries evict; bench_edit "$name" --compile cached ;;
         cached_cold_read_ahead) libraries evict; bench_edit "$name" --compile cached --read-ahead-cuda-libraries ;;
         setup_profile) bench_edit "$name" --compile cached --setup-only --profile-setup ;;

@@ -1,7 +1,8 @@
 """Run by ``test_aot_package`` in a process of its own (a crash in torch's package loader then fails one test, not
 the whole GPU run): how fast a thread counts while the main thread sleeps, and while it makes sixteen calls of a
 package made as the editor makes its parts' (a tiny random IP2P loaded by ``InstructPix2Pix``, its prompt encoded
-eagerly, then ``packaged``: compiled, loaded and bound). Prints JSON.
+eagerly, then ``packaged``: compiled, loaded and bound); on CUDA then while it makes sixteen calls of the same package
+replayed from a CUDA graph. Prints JSON.
 
     python tests/package_wait_probe.py FOLDER cuda|cpu
 """
@@ -63,7 +64,13 @@ def main(folder: Path, device: str) -> None:
     synchronize()
     alone = counting(lambda: time.sleep(0.2))
     beside = counting(lambda: [package(latents) for _ in range(16)] and synchronize())
-    print(json.dumps({"alone": alone, "beside": beside, "max_relative_error": error}))
+    figures = {"alone": alone, "beside": beside, "max_relative_error": error}
+    if on_cuda:  # the same package replayed from a CUDA graph from its next call on (--pipeline.ip2p-cuda-graph)
+        package.cuda_graph = True
+        figures["replayed_max_relative_error"] = float((package(latents) - expected).abs().max() / expected.abs().max())
+        figures["beside_replays"] = counting(lambda: [package(latents) for _ in range(16)] and synchronize())
+        figures["replaying"], figures["graph_failed"] = package.replaying, package.graph_failed
+    print(json.dumps(figures))
 
 
 if __name__ == "__main__":

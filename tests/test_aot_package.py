@@ -325,17 +325,32 @@ def test_the_package_wait_probe_runs_its_package_as_the_eager_model(tmp_path):
     assert figures["max_relative_error"] < 1e-5 and figures["alone"] > 0 and figures["beside"] > 0
 
 
+@pytest.fixture(scope="module")
+def cuda_probe(tmp_path_factory) -> dict:
+    """The probe's figures on the GPU (one package compiled, for both GPU tests below)."""
+    return run_package_wait_probe(tmp_path_factory.mktemp("probe"), "cuda")
+
+
 @pytest.mark.gpu
-def test_other_threads_run_while_a_cuda_package_waits_for_the_gpu(tmp_path):
+def test_other_threads_run_while_a_cuda_package_waits_for_the_gpu(cuda_probe):
     """Sixteen package calls of milliseconds each: a thread counting beside them keeps most of its pace (with torch's
     runner in its default mode each call waited for the one before with the GIL held, stopping training beside
     overlapped edits). The probe makes its package as the editor does: a probe of plain convolutions segfaulted in
     torch 2.11's package loader on the H100, whether or not it had run eagerly first."""
-    figures = run_package_wait_probe(tmp_path, "cuda")
+    figures = cuda_probe
     # fp16: the H100 run of 2026-12-07 measured an absolute 0.027 where outputs reach |5| (the CPU model in fp16 differs
     # from float32 by 0.018); 1% of the largest output is a few fp16 steps, far below a wrong computation's error.
     assert figures["max_relative_error"] < 1e-2, figures
     assert figures["beside"] > 0.5 * figures["alone"], figures
+
+
+@pytest.mark.gpu
+def test_a_cuda_package_replayed_from_a_graph_computes_the_same_and_leaves_other_threads_running(cuda_probe):
+    """--pipeline.ip2p-cuda-graph's capture of a real package (convolutions, attention) on the GPU."""
+    figures = cuda_probe
+    assert figures["replaying"] and figures["graph_failed"] is None, figures
+    assert figures["replayed_max_relative_error"] < 1e-2, figures
+    assert figures["beside_replays"] > 0.5 * figures["alone"], figures
 
 
 def test_compiling_with_cpu_offload_is_refused_before_loading(tmp_path):
@@ -375,3 +390,102 @@ def test_a_package_reads_inputs_of_any_strides(compiled, part_inputs):
 def test_an_unknown_package_use_is_refused_before_loading(tmp_path):
     with pytest.raises(ValueError, match="packages must be one of .'compile', 'cached', 'off'., not 'True'"):
         InstructPix2Pix.from_pretrained(str(tmp_path / "never read"), device="cuda", packages="True")
+
+
+class ReplayedCall:
+    """Stands in for a CUDA graph on the CPU: made by running the captured call once, as a capture records it; each
+    replay runs it again on the same (static) inputs and writes the same output tensor, as a graph does."""
+
+    def __init__(self, run):
+        self.run, self.output, self.replays = run, run(), 0
+
+    def replay(self):
+        self.output.copy_(self.run())
+        self.replays += 1
+
+
+def fake_capture(run, device):
+    graph = ReplayedCall(run)
+    return graph, graph.output
+
+
+def test_a_graphed_package_replays_its_capture_with_each_calls_inputs_after_a_direct_first_call(monkeypatch):
+    monkeypatch.setattr(aot_package, "capture_graph", fake_capture)
+    runs = []
+
+    def runner(sample, timestep):
+        runs.append(sample.shape[0])
+        return sample * 2 + timestep[:, None]
+
+    part = Packaged(lambda sample, timestep: sample * 2 + timestep[:, None], runner, torch.Size([4, 3]), {}, torch.device("cpu"))
+    part.cuda_graph = True  # on CUDA only otherwise
+    calls = [(torch.rand(4, 3, generator=torch.Generator().manual_seed(i)), torch.full((4,), float(i))) for i in range(4)]
+    first = part(*calls[0])
+    assert len(runs) == 1 and not part.replaying  # the direct call that loads its kernels
+    outputs = [part(*inputs) for inputs in calls[1:]]
+    assert part.replaying and part._graph.replays == 3 and len(runs) == 1 + 1 + 3  # one capture, three replays
+    for (sample, timestep), output in zip(calls, [first, *outputs]):
+        torch.testing.assert_close(output, sample * 2 + timestep[:, None])  # each call's own inputs, each output kept
+    assert all(output is not part._static_output for output in outputs)
+    torch.testing.assert_close(part(torch.ones(2, 3), torch.ones(2)), torch.full((2, 3), 3.0))  # other shapes: eager
+    assert part._graph.replays == 3
+
+
+def test_a_failed_capture_leaves_the_package_called_directly(monkeypatch):
+    def failing_capture(run, device):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(aot_package, "capture_graph", failing_capture)
+    runs = []
+    eager_unet = lambda x: pytest.fail("eager")  # noqa: E731
+    eager_unet.part = "unet"
+    part = Packaged(eager_unet, lambda x: runs.append(1) or x + 1, torch.Size([2, 2]), {}, torch.device("cpu"))
+    part.cuda_graph = True
+    for _ in range(3):
+        assert torch.equal(part(torch.zeros(2, 2)), torch.ones(2, 2))
+    assert len(runs) == 3 and not part.replaying and "not permitted" in part.graph_failed
+
+
+def test_an_editor_whose_unet_package_is_replayed_edits_as_the_eager_one(compiled, eager, tiny_ip2p_dir, monkeypatch):
+    """The denoising loop's UNet calls through the graph's input copies (sample, timesteps, text) and output copy."""
+    folder, _, _ = compiled
+    monkeypatch.setenv("IGS2GS_PACKAGE_DIR", str(folder))
+    monkeypatch.setattr(aot_package, "capture_graph", fake_capture)
+    asked, real_packaged = {}, aot_package.packaged
+
+    def packaged_on_cuda(call, inputs, folder=None, compile_missing=True, cuda_graph=False):
+        asked[call.part] = cuda_graph
+        part = real_packaged(call, inputs, folder, compile_missing, cuda_graph)
+        part.cuda_graph = cuda_graph  # what it would be on CUDA
+        return part
+
+    monkeypatch.setattr(aot_package, "packaged", packaged_on_cuda)
+    editor = cached_only_editor(tiny_ip2p_dir)
+    editor.unet_cuda_graph = True
+    editor.prepare_compiled(BATCH, SIZE, SIZE, PROMPT)
+    assert asked == {"unet": True, "vae-encoder": False, "vae-decoder": False}  # the UNet's many kernels only
+    unet = editor._packages["unet"]
+    assert (edit(editor) - edit(eager)).abs().max() < 1e-4
+    assert unet.replaying and unet._graph.replays == 3 - 1  # three diffusion steps: the first called directly
+
+
+def test_the_unet_cuda_graph_setting_reaches_the_editor(tiny_ip2p_dir):
+    assert InstructPix2Pix.from_pretrained(str(tiny_ip2p_dir), device="cpu", unet_cuda_graph=True).unet_cuda_graph
+    assert not InstructPix2Pix.from_pretrained(str(tiny_ip2p_dir), device="cpu").unet_cuda_graph
+
+
+def test_bench_editor_load_times_the_unet_direct_and_replayed(compiled, tiny_ip2p_dir, monkeypatch, capsys):
+    """``bench_editor_load.py --packages`` (CUDA) on the CPU's packages, a stand-in graph for CUDA's."""
+    from bench_editor_load import time_package_first_calls
+
+    folder, _, _ = compiled
+    monkeypatch.setenv("IGS2GS_PACKAGE_DIR", str(folder))
+    monkeypatch.setattr(aot_package, "capture_graph", fake_capture)
+    editor, figures = cached_only_editor(tiny_ip2p_dir), {}
+    time_package_first_calls(editor, BATCH, SIZE, SIZE, lambda name, work: figures.setdefault(name, work()))
+    assert [name for name in figures if "unet" in name] == [
+        "unet package, first call", "unet package, second call", "unet package, 10 direct calls",
+        "unet package, CUDA graph captured and its first call replayed", "unet package, 10 calls replayed from the CUDA graph",
+    ]
+    assert editor._packages["unet"]._graph.replays == 11
+    assert "unet package: replayed from a CUDA graph" in capsys.readouterr().out

@@ -17,7 +17,7 @@ import pytest
 
 import torch
 
-from bench_edit import GcClock, PythonStepProfiler, StepProfiler, WarmUpClock, adam_steps, step_time_profile
+from bench_edit import GcClock, PythonStepProfiler, StepProfiler, WarmUpClock, adam_steps, step_time_profile, unet_calls
 from bench_ip2p import steady_sweep
 
 
@@ -276,6 +276,20 @@ def test_bench_edit_says_how_the_adam_steps_ran():
     assert adam_steps(graphed) == "CUDA graph"
     graphed.stop_replaying("its parameters were replaced")
     assert adam_steps(graphed) == "eager after the CUDA graph was turned off (its parameters were replaced)"
+
+
+def test_bench_edit_says_how_the_unet_ran():
+    from types import SimpleNamespace
+
+    from igs2gs.aot_package import Packaged
+
+    package = Packaged(lambda x: x, lambda x: x, torch.Size([1]), {}, torch.device("cpu"))
+    assert unet_calls(SimpleNamespace(_packages={})) == "eager"
+    assert unet_calls(SimpleNamespace(_packages={"unet": package})) == "package"
+    package._graph = object()  # as after a capture
+    assert unet_calls(SimpleNamespace(_packages={"unet": package})) == "package, CUDA graph"
+    package._graph, package.graph_failed = None, "RuntimeError: not permitted"
+    assert unet_calls(SimpleNamespace(_packages={"unet": package})) == "package (CUDA graph capture failed: RuntimeError: not permitted)"
 
 
 def test_a_reconstruction_without_evaluations_evaluates_at_no_step(tmp_path):
