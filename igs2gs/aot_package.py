@@ -198,12 +198,19 @@ class Packaged:
 
 
 def capture_graph(run: Callable[[], Tensor], device: torch.device) -> Tuple[Any, Tensor]:
-    """``run``'s GPU work captured in a CUDA graph (not run), and the tensor each replay writes its output to. Only
-    this thread's calls are checked during the capture: other threads (training beside the edits, the viewer) may use
-    the GPU meanwhile."""
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.device(device), torch.cuda.graph(graph, capture_error_mode="thread_local"):
-        output = run()
+    """``run``'s GPU work captured in a CUDA graph, and the tensor each replay writes its output to. ``run`` is first
+    run once on the capture's own stream: this thread's cuDNN and cuBLAS handles and that stream's workspaces must
+    exist before a capture, which may not make them. Only this thread's calls are checked during the capture: other
+    threads (training beside the edits, the viewer) may use the GPU meanwhile."""
+    with torch.cuda.device(device):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            run()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+            output = run()
     return graph, output
 
 
