@@ -8,8 +8,9 @@ an earlier run into ``$IGS2GS_PACKAGE_DIR``; none is compiled here) and times ea
 against its second, once cuDNN, cuBLAS and SDPA are started: what of the packaged warm-up (6.7 s in an H100 host's
 first edit, 2026-12-07) is the packages' own first use - there, the next process: UNet 0.88 s against 0.10 s, the VAE
 halves 0.08-0.09 s against 0.02-0.04 s (0.70 s for the UNet with ``CUDA_MODULE_LOADING=EAGER``, which loads every
-kernel up front: the first cuDNN and cuBLAS calls then took 1.3 and 3.0 s). Then ten UNet calls made directly against
-ten replayed from a CUDA graph (``--pipeline.ip2p-cuda-graph``; its capture timed apart).
+kernel up front: the first cuDNN and cuBLAS calls then took 1.3 and 3.0 s). Then ten UNet calls and two whole edits of
+the batch (20 diffusion steps) with the UNet called directly, against the same replayed from a CUDA graph
+(``--pipeline.ip2p-cuda-graph``; its capture timed apart): the graph's seconds per edit.
 
     python scripts/bench_editor_load.py MODEL [--device cuda] [--packages 15 511 511] [--json out.json]
 """
@@ -79,7 +80,8 @@ def main() -> None:
 
 def time_package_first_calls(editor, batch: int, height: int, width: int, timed: Callable[[str, Callable[[], object]], object]) -> None:
     """Load ``editor``'s packages for this batch shape, then call each twice on zeros of its input shape; then the UNet's
-    ten times directly, and ten times replayed from a CUDA graph (after its capture)."""
+    ten times directly and two default edits of a batch of random views, and the same replayed from a CUDA graph (its
+    capture timed apart)."""
     from igs2gs.ip2p import cudnn_heuristics
 
     size, prompt = editor._unet_size(height, width), "turn it into marble"
@@ -96,12 +98,20 @@ def time_package_first_calls(editor, batch: int, height: int, width: int, timed:
                 continue
             for call in ("first", "second"):
                 timed(f"{part} package, {call} call", lambda: package(*inputs))
-        unet, inputs = editor._packages["unet"], editor.package_inputs(batch, *size, embeddings)["unet"]
+    unet, inputs = editor._packages["unet"], editor.package_inputs(batch, *size, embeddings)["unet"]
+    renders, originals = (torch.rand(batch, 3, height, width, generator=torch.Generator().manual_seed(seed)).to(editor.device) for seed in (0, 1))
+    edit = lambda: editor.edit(renders, originals, prompt, generator=[torch.Generator().manual_seed(i) for i in range(batch)])  # noqa: E731
+    with torch.no_grad(), cudnn_heuristics():
         timed("unet package, 10 direct calls", lambda: [unet(*inputs) for _ in range(10)])
-        unet.cuda_graph = True  # the same package from now on replayed from a CUDA graph (--pipeline.ip2p-cuda-graph)
+    for run in ("first", "second"):  # the default edit: 20 diffusion steps, the photos' conditioning cached after the first
+        timed(f"an edit of {batch} views, UNet called directly, {run}", edit)
+    unet.cuda_graph = True  # the same package from now on replayed from a CUDA graph (--pipeline.ip2p-cuda-graph)
+    with torch.no_grad(), cudnn_heuristics():
         timed("unet package, CUDA graph captured and its first call replayed", lambda: unet(*inputs))
         timed("unet package, 10 calls replayed from the CUDA graph", lambda: [unet(*inputs) for _ in range(10)])
-        print(f"unet package: {'replayed from a CUDA graph' if unet.replaying else f'not replayed ({unet.graph_failed})'}")
+    for run in ("first", "second"):
+        timed(f"an edit of {batch} views, UNet replayed from the CUDA graph, {run}", edit)
+    print(f"unet package: {'replayed from a CUDA graph' if unet.replaying else f'not replayed ({unet.graph_failed})'}")
 
 
 if __name__ == "__main__":

@@ -483,9 +483,14 @@ def test_bench_editor_load_times_the_unet_direct_and_replayed(compiled, tiny_ip2
     monkeypatch.setattr(aot_package, "capture_graph", fake_capture)
     editor, figures = cached_only_editor(tiny_ip2p_dir), {}
     time_package_first_calls(editor, BATCH, SIZE, SIZE, lambda name, work: figures.setdefault(name, work()))
-    assert [name for name in figures if "unet" in name] == [
+    assert [name for name in figures if "unet" in name.lower()] == [
         "unet package, first call", "unet package, second call", "unet package, 10 direct calls",
+        f"an edit of {BATCH} views, UNet called directly, first", f"an edit of {BATCH} views, UNet called directly, second",
         "unet package, CUDA graph captured and its first call replayed", "unet package, 10 calls replayed from the CUDA graph",
+        f"an edit of {BATCH} views, UNet replayed from the CUDA graph, first",
+        f"an edit of {BATCH} views, UNet replayed from the CUDA graph, second",
     ]
-    assert editor._packages["unet"]._graph.replays == 11
+    direct, replayed = (figures[f"an edit of {BATCH} views, UNet {how}, second"] for how in ("called directly", "replayed from the CUDA graph"))
+    assert (direct - replayed).abs().max() < 1e-4  # the same edits
+    assert editor._packages["unet"]._graph.replays == 11 + 2 * 20
     assert "unet package: replayed from a CUDA graph" in capsys.readouterr().out
