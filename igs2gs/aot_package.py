@@ -188,7 +188,7 @@ class Packaged:
         return self._static_output.clone()
 
     def _capture(self, inputs: Tuple[Tensor, ...]) -> None:
-        self._static_inputs = tuple(tensor.contiguous().clone() for tensor in inputs)
+        self._static_inputs = tuple(tensor.clone(memory_format=torch.contiguous_format) for tensor in inputs)
         try:
             self._graph, self._static_output = capture_graph(lambda: self.runner(*self._static_inputs), inputs[0].device)
         except RuntimeError as error:  # e.g. a library call that may not be captured: call the package directly

@@ -90,15 +90,16 @@ def time_package_first_calls(editor, batch: int, height: int, width: int, timed:
     if "unet" not in editor._packages:
         raise SystemExit(f"no packages for batch {batch} at {size[1]}x{size[0]} in $IGS2GS_PACKAGE_DIR: compile them first "
                          "(gpu_bench.sh prepare, or an edit with --pipeline.ip2p-compile True)")
+    part_inputs = editor.package_inputs(batch, *size, embeddings)
     with torch.no_grad(), cudnn_heuristics():  # as the editor calls them
-        for part, inputs in editor.package_inputs(batch, *size, embeddings).items():
+        for part, inputs in part_inputs.items():
             package = editor._packages.get(part)
             if package is None:
                 print(f"{part}: no package, left out")
                 continue
             for call in ("first", "second"):
                 timed(f"{part} package, {call} call", lambda: package(*inputs))
-    unet, inputs = editor._packages["unet"], editor.package_inputs(batch, *size, embeddings)["unet"]
+    unet, inputs = editor._packages["unet"], part_inputs["unet"]
     renders, originals = (torch.rand(batch, 3, height, width, generator=torch.Generator().manual_seed(seed)).to(editor.device) for seed in (0, 1))
     edit = lambda: editor.edit(renders, originals, prompt, generator=[torch.Generator().manual_seed(i) for i in range(batch)])  # noqa: E731
     with torch.no_grad(), cudnn_heuristics():
