@@ -561,8 +561,11 @@ class InstructPix2Pix:
         main thread (export and compilation are not thread-safe); others may warm up in any. The
         prompt's embedding stays cached; the random views leave no condition latents. A shape this editor
         has edited at before costs nothing (returns 0.0): a compiled editor pads every batch to its
-        ``fixed_batch``, so a sweep's batches of 14 and 15 are one shape to it.
+        ``fixed_batch``, so a sweep's batches of 14 and 15 are one shape to it. With ``unet_cuda_graph`` it makes
+        at least two diffusion steps: the UNet's package is captured at its second call, here rather than in a sweep.
         """
+        if self.unet_cuda_graph and self.compiled:
+            diffusion_steps = max(diffusion_steps, 2)
         if self._warm_shape(batch, height, width) in self._warmed:
             self.encode_prompt(prompt)
             return 0.0

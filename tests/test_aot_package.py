@@ -469,6 +469,27 @@ def test_an_editor_whose_unet_package_is_replayed_edits_as_the_eager_one(compile
     assert unet.replaying and unet._graph.replays == 3 - 1  # three diffusion steps: the first called directly
 
 
+def test_an_editor_with_the_unet_graph_captures_it_in_its_warm_up(compiled, tiny_ip2p_dir, monkeypatch):
+    """The capture (a device sync, gc and the allocator's cache emptied) happens beside set-up, not in the first sweep;
+    without the graph the warm-up stays one diffusion step."""
+    folder, _, _ = compiled
+    monkeypatch.setenv("IGS2GS_PACKAGE_DIR", str(folder))
+    monkeypatch.setattr(aot_package, "capture_graph", fake_capture)
+    unet_calls = {}
+    for graph in (False, True):
+        editor = cached_only_editor(tiny_ip2p_dir)
+        editor.unet_cuda_graph = graph
+        editor.prepare_compiled(BATCH, SIZE, SIZE, PROMPT)
+        unet = editor._packages["unet"]
+        unet.cuda_graph = graph  # what it would be on CUDA
+        runner, runs = unet.runner, []
+        unet.runner = lambda *inputs: runs.append(1) or runner(*inputs)
+        editor.warm_up(BATCH, SIZE, SIZE, PROMPT)
+        unet_calls[graph] = (len(runs), unet.replaying)
+    # with the graph: the direct first step, then the second step's capture (the stand-in runs it once) and replay
+    assert unet_calls == {False: (1, False), True: (3, True)}
+
+
 def test_the_unet_cuda_graph_setting_reaches_the_editor(tiny_ip2p_dir):
     assert InstructPix2Pix.from_pretrained(str(tiny_ip2p_dir), device="cpu", unet_cuda_graph=True).unet_cuda_graph
     assert not InstructPix2Pix.from_pretrained(str(tiny_ip2p_dir), device="cpu").unet_cuda_graph
