@@ -484,8 +484,8 @@ def test_an_editor_with_the_unet_graph_captures_it_in_its_warm_up(compiled, tiny
         editor.prepare_compiled(BATCH, SIZE, SIZE, PROMPT)
         unet = editor._packages["unet"]
         unet.cuda_graph = graph  # what it would be on CUDA
-        runner, runs = unet.runner, []
-        unet.runner = lambda *inputs: runs.append(1) or runner(*inputs)
+        runs = []
+        unet.runner = lambda *inputs, runner=unet.runner, runs=runs: runs.append(1) or runner(*inputs)
         editor.warm_up(BATCH, SIZE, SIZE, PROMPT)
         unet_calls[graph] = (len(runs), unet.replaying)
     # with the graph: the direct first step, then the second step's capture (the stand-in runs it once) and replay
