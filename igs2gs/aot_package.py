@@ -298,11 +298,7 @@ def packaged(
             CONSOLE.log(f"[yellow]igs2gs: the compiled {call.part} in {path} could not be loaded ({error}); {again}")
     if not compile_missing:
         if not found:
-            CONSOLE.log(
-                f"No compiled {call.part} for inputs of {tuple(inputs[0].shape)} in {path.parent}: running it eagerly "
-                "(one edit with --pipeline.ip2p-compile True compiles the editor for this shape, in minutes; later "
-                "edits load it and spend ~30% less time per edit)"
-            )
+            CONSOLE.log(f"No compiled {call.part} for inputs of {tuple(inputs[0].shape)} in {path.parent}: running it eagerly")
         return None
     CONSOLE.log(
         f"Compiling the {call.part} for inputs of {tuple(inputs[0].shape)}: once, up to a few minutes (on an H100: "

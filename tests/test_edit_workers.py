@@ -16,6 +16,7 @@ from conftest import step_pipeline
 from igs2gs.edit_store import EditStore
 from igs2gs.edit_workers import EditJob, EditWorkers, WarmUp
 from igs2gs.ip2p import InstructPix2Pix
+from igs2gs import pipeline as pipeline_module
 from igs2gs.pipeline import IGS2GSPipeline
 from test_pipeline import TRAIN_VIEWS, make_trainer, stored_equals_working_set
 
@@ -162,7 +163,7 @@ def test_by_default_editors_look_for_packages_an_earlier_run_compiled_and_edit_e
     scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path, monkeypatch, ip2p_compile
 ):
     """``--pipeline.ip2p-compile`` left at None: the editors load the sweeps' packages if they are on disk (compiling
-    nothing); without them they edit eagerly, unpadded. False: they never look."""
+    nothing); without them they edit eagerly, unpadded, and the log says how to make them. False: they never look."""
     loaded, prepared = [], []
     load_on_cuda = loading_as_on_cuda(loaded)
 
@@ -172,12 +173,16 @@ def test_by_default_editors_look_for_packages_an_earlier_run_compiled_and_edit_e
 
     monkeypatch.setattr(InstructPix2Pix, "from_pretrained", load_on_cuda)
     monkeypatch.setattr(InstructPix2Pix, "prepare_compiled", prepare_compiled)
+    logged: List[str] = []
+    monkeypatch.setattr(pipeline_module.CONSOLE, "log", lambda text, *args, **kwargs: logged.append(str(text)))
     trainer = make_trainer(scene_dir, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, f"compile-{ip2p_compile}",
                            ip2p_compile=ip2p_compile, ip2p_max_batch_size=4)
     assert loaded == ["cached" if ip2p_compile is None else "off"]
     assert prepared == ([(3, False)] if ip2p_compile is None else [])
     editor = trainer.pipeline.editor
     assert not editor.compiled and editor.fixed_batch is None
+    hints = [text for text in logged if "--pipeline.ip2p-compile True compiles it" in text]
+    assert len(hints) == (1 if ip2p_compile is None else 0)  # how to make the packages, once
 
 
 def test_warm_up_edits_each_shape_on_each_editor_in_a_background_thread_and_keeps_failures(replicas, monkeypatch):
