@@ -15,15 +15,16 @@ background (the edit's changes outside the photo's silhouette are dropped).
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Dict, List, Literal, Optional, Sequence, Tuple, Type
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import Tensor
 
 from nerfstudio.cameras.cameras import Cameras
-from nerfstudio.configs.dataparser_configs import AnnotatedDataParserUnion
+from nerfstudio.configs.dataparser_configs import AnnotatedDataParserUnion, all_dataparsers
 from nerfstudio.data.datamanagers.full_images_datamanager import FullImageDatamanager, FullImageDatamanagerConfig
 from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
 
@@ -40,6 +41,46 @@ def without_point_cloud(dataparser):
     if getattr(dataparser, "load_3D_points", False):
         dataparser.load_3D_points = False
     return dataparser
+
+
+IP2P_TRAINED_SIDE = 512
+"""The image side InstructPix2Pix (and Stable Diffusion 1.5 under it) was trained at."""
+LARGE_VIEW_SIDE = 768
+"""Views with a longer side than this get ``large_view_advice``."""
+
+
+def large_view_advice(sizes: Sequence[Tuple[int, int]], dataparser: Any, applied_factor: Optional[int] = None) -> Optional[str]:
+    """What to do about views (``sizes``: (height, width) each) much larger than the 512 px InstructPix2Pix was trained
+    at, or None. It edits each view at its size: slower (at least in proportion to the pixels) and usually worse;
+    Instruct-NeRF2NeRF's authors advise scenes near 512 px on their longest side. ``dataparser`` (its config) names
+    the subcommand and says whether it downscales; ``applied_factor`` is the factor it read the views at, if known."""
+    height, width = max(sizes, key=lambda size: size[0] * size[1])
+    side = max(height, width)
+    if side <= LARGE_VIEW_SIDE:
+        return None
+    pixels = height * width / IP2P_TRAINED_SIDE**2
+    advice = (
+        f"the training views are up to {width}x{height}: InstructPix2Pix edits them at that size, {pixels:.1f}x the pixels "
+        f"of the {IP2P_TRAINED_SIDE}x{IP2P_TRAINED_SIDE} it was trained at, so each edit takes at least {pixels:.1f}x as "
+        "long and usually comes out worse"
+    )
+    if not hasattr(dataparser, "downscale_factor"):
+        return advice + f"; scenes near {IP2P_TRAINED_SIDE} px on their longest side edit best"
+    factor = min((2, 4, 8), key=lambda k: abs(math.log(side / k / IP2P_TRAINED_SIDE)))  # ns-process-data's images_2/4/8
+    names = [name for name, config in all_dataparsers.items() if type(config) is type(dataparser)]
+    total = f"{factor * applied_factor}" if applied_factor else f"{factor} times the one used now"
+    return advice + (
+        f". Scenes near {IP2P_TRAINED_SIDE} px on their longest side edit best: train the scene on views {factor}x smaller "
+        f"and edit it so, with `{names[0] if names else 'DATAPARSER'} --downscale-factor {total}` at the end of both "
+        "`ns-train splatfacto` and `ns-train igs2gs`"
+    )
+
+
+def applied_downscale_factor(dataparser: Any) -> Optional[int]:
+    """The factor a set-up dataparser read its images at, where it says (nerfstudio-data's own choice when its
+    config leaves it to it), else its config's."""
+    factor = getattr(dataparser, "downscale_factor", None) or getattr(getattr(dataparser, "config", None), "downscale_factor", None)
+    return int(factor) if factor else None
 
 
 def to_uint8(images: Tensor) -> Tensor:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.cuda.amp.grad_scaler import GradScaler
 
-from igs2gs.datamanager import IGS2GSDataManagerConfig, without_point_cloud
+from igs2gs.datamanager import IGS2GSDataManagerConfig, applied_downscale_factor, large_view_advice, without_point_cloud
 from igs2gs.edit_store import EditStore, SweepState
 from igs2gs.edit_workers import EditJob, EditResult, EditWorkers, WarmUp
 from igs2gs.model import IGS2GSModelConfig
@@ -155,6 +155,10 @@ class IGS2GSPipeline(VanillaPipeline):
         if test_mode == "val":  # training; the viewer, ns-render and ns-export never load the editor
             from igs2gs.viewer_controls import EditControls
 
+            if config.editor == "ip2p":
+                advice = large_view_advice(self._view_sizes(), config.datamanager.dataparser, applied_downscale_factor(self.datamanager.dataparser))
+                if advice is not None:
+                    CONSOLE.log(f"[yellow]igs2gs: {advice}.")
             self.editors = [self._load_editor(device) for device in editor_devices(config, str(self.device))]
             if config.editor == "ip2p":
                 self._compile_editors()

@@ -63,3 +63,37 @@ def test_a_view_s_image_generation_counts_its_replacements_and_comes_with_its_ba
         if camera.metadata["cam_idx"] == view:
             break
     assert camera.metadata["cam_idx"] == view and data["image_generation"] == before + 1
+
+
+def test_views_much_larger_than_ip2p_s_512_px_get_advice_naming_the_dataparser_and_factor():
+    from nerfstudio.data.dataparsers.blender_dataparser import BlenderDataParserConfig
+    from nerfstudio.data.dataparsers.colmap_dataparser import ColmapDataParserConfig
+    from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
+
+    from igs2gs.datamanager import large_view_advice
+
+    assert large_view_advice([(512, 512), (768, 576)], NerfstudioDataParserConfig(), 1) is None
+    advice = large_view_advice([(512, 512), (1200, 1600)], NerfstudioDataParserConfig(), 1)
+    assert advice is not None and "up to 1600x1200" in advice and "7.3x the pixels" in advice
+    assert "train the scene on views 4x smaller" in advice and "`nerfstudio-data --downscale-factor 4`" in advice  # 400 px
+    # read at factor 2 already (1000 px): twice as small again, 4 in all
+    assert "`nerfstudio-data --downscale-factor 4`" in large_view_advice([(800, 1000)], NerfstudioDataParserConfig(), 2)
+    # the factor the dataparser chose is unknown: said relative to it
+    assert "`colmap --downscale-factor 2 times the one used now`" in large_view_advice([(800, 1000)], ColmapDataParserConfig())
+    without = large_view_advice([(1024, 1024)], BlenderDataParserConfig())  # no downscale setting to point at
+    assert without is not None and "up to 1024x1024" in without and "--downscale-factor" not in without
+
+
+def test_an_edit_of_large_views_says_so_at_set_up(scene_dir, splatfacto_run, tiny_ip2p_dir, tmp_path, monkeypatch):
+    """The advice comes before the editor loads, with the factor the scene's dataparser read the views at."""
+    from igs2gs import datamanager, pipeline
+
+    logged = []
+    monkeypatch.setattr(pipeline.CONSOLE, "log", lambda text, *args, **kwargs: logged.append(str(text)))
+    monkeypatch.setattr(datamanager, "LARGE_VIEW_SIDE", 32)  # the test scene's views are 64 px
+    trainer = make_trainer(scene_dir, splatfacto_run / "nerfstudio_models", tiny_ip2p_dir, tmp_path, "large")
+    height, width = trainer.pipeline.datamanager.original_images[0].shape[:2]
+    advice = [text for text in logged if "InstructPix2Pix edits them at that size" in text]
+    assert len(advice) == 1 and f"up to {width}x{height}" in advice[0]
+    assert "`nerfstudio-data --downscale-factor 2`" in advice[0]  # read at factor 1
+    assert logged.index(advice[0]) < next(i for i, text in enumerate(logged) if text.startswith("Loading InstructPix2Pix"))

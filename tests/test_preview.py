@@ -90,3 +90,18 @@ def test_preview_reads_the_data_with_the_dataparser_given(scene_dir, tiny_ip2p_d
     )
     _, edits, _ = preview_edits(config)
     assert len(edits[(7.5, 1.5)]) == 5
+
+
+def test_preview_of_large_photos_says_what_to_do(scene_dir, tiny_ip2p_dir, monkeypatch):
+    from igs2gs import datamanager, preview
+
+    logged = []
+    monkeypatch.setattr(preview.CONSOLE, "log", lambda text, *args, **kwargs: logged.append(str(text)))
+    config = PreviewConfig(data=scene_dir, prompt=PROMPT, views=1, guidance_scales=(7.5,), image_guidance_scales=(1.5,),
+                           diffusion_steps=1, ip2p_model=str(tiny_ip2p_dir), device="cpu")
+    advice = lambda: [text for text in logged if "InstructPix2Pix edits them at that size" in text]  # noqa: E731
+    preview_edits(config)
+    assert advice() == []  # 64 px photos
+    monkeypatch.setattr(datamanager, "LARGE_VIEW_SIDE", 32)
+    preview_edits(config)
+    assert len(advice()) == 1 and "`nerfstudio-data --downscale-factor 2`" in advice()[0]
