@@ -156,7 +156,8 @@ class IGS2GSPipeline(VanillaPipeline):
             from igs2gs.viewer_controls import EditControls
 
             if config.editor == "ip2p":
-                advice = large_view_advice(self._view_sizes(), config.datamanager.dataparser, applied_downscale_factor(self.datamanager.dataparser))
+                applied = applied_downscale_factor(self.datamanager.dataparser)
+                advice = large_view_advice(self._view_sizes(), config.datamanager.dataparser, applied)
                 if advice is not None:
                     CONSOLE.log(f"[yellow]igs2gs: {advice}.")
             self.editors = [self._load_editor(device) for device in editor_devices(config, str(self.device))]
