@@ -430,7 +430,7 @@ def main() -> None:
     parser.add_argument("--gsplat-checked-inverse", action="store_true", help="--pipeline.model.gsplat-unchecked-inverse False: gsplat's camera-centre inverse with its error check (one host wait more per step)")
     parser.add_argument("--adam-eager", action="store_true", help="--adam-cuda-graph False: the Gaussians' fused Adam steps launched one by one, not replayed from a CUDA graph")
     parser.add_argument("--read-ahead-cuda-libraries", action="store_true", help="--read-ahead-cuda-libraries True: torch's CUDA libraries read into the page cache from set-up's start")
-    parser.add_argument("--ip2p-cuda-graph", action="store_true", help="--pipeline.ip2p-cuda-graph: the packaged UNet replayed from a CUDA graph")
+    parser.add_argument("--unet-direct", action="store_true", help="--pipeline.ip2p-cuda-graph False: the packaged UNet called directly, not replayed from a CUDA graph")
     parser.add_argument("--no-warm-up", action="store_true", help="no editor warm-up beside set-up (the first sweep pays it)")
     parser.add_argument("--setup-only", action="store_true", help="stop after set-up: JSON setup_s (and setup_profile) only")
     parser.add_argument("--profile-steps", type=int, default=0, help="profile this many training steps with cProfile, then as many with torch.profiler (0: none)")
@@ -474,7 +474,7 @@ def main() -> None:
             **({"lpips_target_cache_mb": 0} if args.no_lpips_target_cache else {}),  # else the model's default
         ),
         prompt=args.prompt, gs_steps=args.gs_steps, ip2p_model=args.ip2p_model, ip2p_compile=COMPILE_MODES[args.compile],
-        overlap_edits=args.overlap, ip2p_devices=args.ip2p_devices, ip2p_cuda_graph=args.ip2p_cuda_graph,
+        overlap_edits=args.overlap, ip2p_devices=args.ip2p_devices, ip2p_cuda_graph=not args.unet_direct,
         trainer=dict(adam_cuda_graph=not args.adam_eager, read_ahead_cuda_libraries=args.read_ahead_cuda_libraries),
     )
     timed_editor = trainer.pipeline.editor

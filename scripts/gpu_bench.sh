@@ -13,7 +13,9 @@
 #                                            # inverse, LPIPS targets every step; cached_adam_eager - the splats'
 #                                            # Adam steps launched one by one, not replayed from their CUDA graph
 #                                            # (A/B with cached: EDITS="cached cached_adam_eager cached
-#                                            # cached_adam_eager"); cached_cold - the CUDA libraries evicted from the
+#                                            # cached_adam_eager"); cached_unet_direct - the editor's packaged UNet
+#                                            # called directly, not replayed from its CUDA graph (A/B with cached
+#                                            # likewise); cached_cold - the CUDA libraries evicted from the
 #                                            # page cache first, cached_cold_read_ahead - the same with
 #                                            # --read-ahead-cuda-libraries (their A/B); setup_profile - the set-up alone
 #                                            # under cProfile, its slowest functions printed; setup - the set-up
@@ -56,7 +58,7 @@ if [[ ! "$phase" =~ ^($phases)$ || ! -d "$data" ]]; then
     echo "$usage (DATA: a nerfstudio scene folder)" >&2; exit 2
 fi
 edit_runs="cached cached_overlap off"  # edit's runs by default; EDITS picks among these and more_runs
-more_runs="cached_old_step cached_adam_eager cached_unet_graph cached_overlap_unet_graph cached_cold cached_cold_read_ahead setup_profile setup setup_no_bytecode"
+more_runs="cached_old_step cached_adam_eager cached_unet_direct cached_cold cached_cold_read_ahead setup_profile setup setup_no_bytecode"
 reference_views=${REFERENCE_VIEWS:-2} reference_steps=${REFERENCE_STEPS:-300}
 [[ $reference_views == 0 ]] && reference_steps=0  # the steps extend the views' projection
 old_step="--gsplat-checked-inverse --no-lpips-target-cache"  # the training step before 2026-12-07's second session
@@ -182,8 +184,7 @@ edit)
         off) bench_edit "$name" --compile off ;;
         cached_old_step) bench_edit "$name" --compile cached $old_step ;;
         cached_adam_eager) bench_edit "$name" --compile cached --adam-eager ;;
-        cached_unet_graph) bench_edit "$name" --compile cached --ip2p-cuda-graph ;;  # its A/B: alternate with cached
-        cached_overlap_unet_graph) bench_edit "$name" --compile cached --overlap --ip2p-cuda-graph ;;
+        cached_unet_direct) bench_edit "$name" --compile cached --unet-direct ;;  # the UNet graph's A/B: alternate with cached
         cached_cold) libraries evict; bench_edit "$name" --compile cached ;;
         cached_cold_read_ahead) libraries evict; bench_edit "$name" --compile cached --read-ahead-cuda-libraries ;;
         setup_profile) bench_edit "$name" --compile cached --setup-only --profile-setup ;;

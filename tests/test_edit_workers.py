@@ -181,6 +181,7 @@ def test_by_default_editors_look_for_packages_an_earlier_run_compiled_and_edit_e
     assert prepared == ([(3, False)] if ip2p_compile is None else [])
     editor = trainer.pipeline.editor
     assert not editor.compiled and editor.fixed_batch is None
+    assert editor.unet_cuda_graph  # --pipeline.ip2p-cuda-graph's default: a package found is replayed from a graph
     hints = [text for text in logged if "--pipeline.ip2p-compile True compiles it" in text]
     assert len(hints) == (1 if ip2p_compile is None else 0)  # how to make the packages, once
 
