@@ -166,6 +166,9 @@ started = time.perf_counter()
 editor = InstructPix2Pix.from_pretrained(model, device="cuda", packages="compile")
 editor.prepare_compiled(batch, height, width, prompt)
 print(f"packages for batch {batch} {width}x{height}: {sorted(editor._packages)} in {time.perf_counter() - started:.1f} s")
+# Their first calls, as a user's compiling run makes them: the driver compiles some of their code at its first use on a
+# machine and caches it (~3 s of the UNet's first call on an H100, 2026-12-08); the first `edit` after prepare no longer pays it.
+print(f"their first calls: {editor.warm_up(batch, height, width, prompt):.1f} s")
 PY
     echo "packages: exit $?"; tail -n 2 "$results/packages.log"
     wait_reconstruction_and_tests
@@ -210,7 +213,8 @@ batch)  # compiles the packages for this batch first (UNet 148-196 s on an H100)
         --compile-batch "$try" --variants compiled --json "$results/ip2p_batch$try.json" > "$results/ip2p_batch$try.log" 2>&1
     echo "bench_ip2p batch $try: exit $?"; tail -n 12 "$results/ip2p_batch$try.log"
     ;;
-firstuse)  # an H100 host's first edit after prepare paid ~4.4 s more warm-up than the next processes (2026-12-07)
+firstuse)  # an H100 host's first edit after prepare paid ~4.4 s more warm-up than the next processes (2026-12-07): the
+    # driver's JIT at the packages' first calls (2026-12-08), which prepare now pays; `rm -rf ~/.nv/ComputeCache` first to see it
     jit_cache() { local size; size=$(du -sk ~/.nv/ComputeCache 2> /dev/null | cut -f1); echo "driver JIT cache: ${size:-no folder} kB"; }
     probe() {  # NAME: the editor's first calls in a fresh process, one line
         python3 scripts/bench_editor_load.py "$editor" --packages "${BATCH:-15}" "${HEIGHT:-511}" "${WIDTH:-511}" \
