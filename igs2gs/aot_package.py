@@ -144,7 +144,7 @@ class Packaged:
         self.cuda_graph = cuda_graph and device.type == "cuda"
         """After its first call, replay the package from a CUDA graph (``_replay``)."""
         self.graph_failed: Optional[str] = None  # why the capture failed: calls then stay direct
-        self._calls = 0
+        self._called = False  # the first call is direct: it loads the kernels a capture must not load
         self._graph: Any = None  # the captured graph (``capture_graph``), its input buffers and the output it writes
         self._static_inputs: Tuple[Tensor, ...] = ()
         self._static_output: Optional[Tensor] = None
@@ -160,9 +160,9 @@ class Packaged:
             return self(padded_rows(inputs[0], batch - rows))[:rows]
         if inputs[0].shape != self.shape:
             return self.call(*inputs)
-        if self.cuda_graph and self.graph_failed is None and self._calls:
+        if self.cuda_graph and self.graph_failed is None and self._called:
             return self._replay(inputs)
-        self._calls += 1
+        self._called = True
         if self._previous is not None:
             self._previous.synchronize()  # releases the GIL; returns at once before the first call
         output = self.runner(*(tensor.contiguous() for tensor in inputs))  # it reads them with contiguous strides

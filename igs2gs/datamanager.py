@@ -170,6 +170,12 @@ class IGS2GSDataManager(FullImageDatamanager):
             cameras.append(camera)
         return cameras
 
+    def view_size_advice(self, views: Optional[Sequence[int]] = None) -> Optional[str]:
+        """``large_view_advice`` for these training views (default: all), read as this datamanager's dataparser read them."""
+        photos = self.original_images
+        sizes = [(int(photos[view].shape[0]), int(photos[view].shape[1])) for view in (range(len(photos)) if views is None else views)]
+        return large_view_advice(sizes, self.config.dataparser, applied_downscale_factor(self.dataparser))
+
     @cached_property
     def original_images(self) -> List[Tensor]:
         """The undistorted training photos [H, W, 3 or 4 (alpha)], as cached before any edit."""

@@ -245,7 +245,7 @@ class InstructPix2Pix:
         them (never compiles; eager with ``cpu_offload``), else eagerly; ``"off"`` always edits eagerly;
         ``cudnn_benchmark`` keeps cuDNN's benchmark mode (if on) for the editor, which otherwise edits
         with cuDNN's heuristics (``cudnn_heuristics``); ``unet_cuda_graph`` replays the UNet's package from a CUDA
-        graph after its first call (experimental; packages only).
+        graph after its first call (packages on CUDA only; the pipeline's default).
         """
         device = torch.device(device)
         if packages not in PACKAGE_USES:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.cuda.amp.grad_scaler import GradScaler
 
-from igs2gs.datamanager import IGS2GSDataManagerConfig, applied_downscale_factor, large_view_advice, without_point_cloud
+from igs2gs.datamanager import IGS2GSDataManagerConfig, without_point_cloud
 from igs2gs.edit_store import EditStore, SweepState
 from igs2gs.edit_workers import EditJob, EditResult, EditWorkers, WarmUp
 from igs2gs.model import IGS2GSModelConfig
@@ -156,8 +156,7 @@ class IGS2GSPipeline(VanillaPipeline):
             from igs2gs.viewer_controls import EditControls
 
             if config.editor == "ip2p":
-                applied = applied_downscale_factor(self.datamanager.dataparser)
-                advice = large_view_advice(self._view_sizes(), config.datamanager.dataparser, applied)
+                advice = self.datamanager.view_size_advice()
                 if advice is not None:
                     CONSOLE.log(f"[yellow]igs2gs: {advice}.")
             self.editors = [self._load_editor(device) for device in editor_devices(config, str(self.device))]

@@ -24,7 +24,7 @@ from nerfstudio.configs.dataparser_configs import AnnotatedDataParserUnion
 from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
 from nerfstudio.utils.rich_utils import CONSOLE
 
-from igs2gs.datamanager import IGS2GSDataManagerConfig, applied_downscale_factor, large_view_advice, unreadable_data
+from igs2gs.datamanager import IGS2GSDataManagerConfig, unreadable_data
 from igs2gs.pipeline import DEFAULT_IP2P_MODEL, IGS2GSPipelineConfig, device_problem, edit_generator, schedule_problems
 
 _DEFAULTS = IGS2GSPipelineConfig()
@@ -113,8 +113,7 @@ def preview_edits(config: PreviewConfig) -> Tuple[np.ndarray, Dict[Tuple[float, 
             + ". Give the dataparser the scene was trained with as a subcommand at the end (e.g. `colmap`)."
         ) from None
     views = spread_views(len(datamanager.original_images), config.views)
-    advice = large_view_advice([tuple(datamanager.original_images[view].shape[:2]) for view in views], config.dataparser,
-                               applied_downscale_factor(datamanager.dataparser))
+    advice = datamanager.view_size_advice(views)
     if advice is not None:
         CONSOLE.log(f"[yellow]igs2gs-preview: {advice}.")
     editor = InstructPix2Pix.from_pretrained(
